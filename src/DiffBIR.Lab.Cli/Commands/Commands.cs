@@ -1,0 +1,190 @@
+using System.ComponentModel;
+using System.Globalization;
+using System.Text.Json;
+using DiffBIR.Lab.Checkpoints;
+using DiffBIR.Lab.Cli.Notebooks;
+using DiffBIR.Lab.IO;
+using DiffBIR.Lab.Parity;
+using Spectre.Console;
+using Spectre.Console.Cli;
+
+namespace DiffBIR.Lab.Cli
+{
+    static class CliErrors
+    {
+        /// <summary>Errors caused by the user's input: shown as one clear line, not a stack trace.</summary>
+        public static bool IsUserError(Exception e) =>
+            e is CheckpointException or ImageFileException or FileNotFoundException or DirectoryNotFoundException or UnauthorizedAccessException;
+    }
+
+    static class Fmt
+    {
+        public static string G(double x) => double.IsNaN(x) ? "-" : x.ToString("0.##e+0", CultureInfo.InvariantCulture);
+        public static string Shape(IEnumerable<long> s) => "[" + string.Join(", ", s) + "]";
+    }
+}
+
+namespace DiffBIR.Lab.Cli.Commands
+{
+    public sealed class ParitySettings : CommandSettings
+    {
+        [CommandArgument(0, "<PATH>")]
+        [Description("Fixture files or folders (searched recursively).")]
+        public string[] Paths { get; set; } = Array.Empty<string>();
+
+        [CommandOption("--rtol <RTOL>")]
+        [Description("Override the relative tolerance of every output (default: each case's band from the fixture README).")]
+        public double? Rtol { get; set; }
+
+        [CommandOption("--atol <ATOL>")]
+        [Description("Override the absolute tolerance.")]
+        public double? Atol { get; set; }
+
+        [CommandOption("-v|--verbose")]
+        [Description("Print every output, not only the failing ones.")]
+        public bool Verbose { get; set; }
+
+        [CommandOption("--json <FILE>")]
+        [Description("Also write the report as JSON.")]
+        public string? Json { get; set; }
+    }
+
+    /// <summary><c>diffbir-lab parity PATH…</c>: exit 0 only when every case is implemented and passes.</summary>
+    public sealed class ParityCommand : Command<ParitySettings>
+    {
+        public override int Execute(CommandContext context, ParitySettings s, CancellationToken cancellationToken)
+        {
+            var files = ParityRunner.FindFixtures(s.Paths);
+            var tol = s.Rtol.HasValue || s.Atol.HasValue ? new Tolerance(s.Rtol ?? 0, s.Atol ?? 0) : null;
+            var reports = Run(files, tol, s.Verbose, cancellationToken);
+            if (s.Json != null) ParityReportJson.Write(s.Json, reports);
+            return reports.All(r => r.Status == CaseStatus.Pass) ? 0 : 1;
+        }
+
+        internal static List<CaseReport> Run(IReadOnlyList<string> files, Tolerance? tol, bool verbose, CancellationToken ct)
+        {
+            var runner = ParityRunner.Default();
+            var reports = new List<CaseReport>();
+            foreach (var f in files)
+            {
+                ct.ThrowIfCancellationRequested();
+                var r = runner.RunFile(f, tol);
+                reports.Add(r);
+                Print(r, verbose);
+            }
+            var table = new Table().Border(TableBorder.Simple).AddColumns("status", "count");
+            foreach (var g in reports.GroupBy(r => r.Status).OrderBy(g => g.Key))
+                table.AddRow(g.Key.ToString(), g.Count().ToString(CultureInfo.InvariantCulture));
+            AnsiConsole.Write(table);
+            AnsiConsole.WriteLine($"{reports.Count(r => r.Status == CaseStatus.Pass)} passed, {reports.Count(r => r.Status is CaseStatus.Fail or CaseStatus.Error)} failed, {reports.Count(r => r.Status == CaseStatus.NotImplemented)} not implemented");
+            return reports;
+        }
+
+        static void Print(CaseReport r, bool verbose)
+        {
+            var color = r.Status switch { CaseStatus.Pass => "green", CaseStatus.NotImplemented => "yellow", _ => "red" };
+            var label = r.Status switch { CaseStatus.Pass => "PASS", CaseStatus.Fail => "FAIL", CaseStatus.Error => "ERROR", _ => "NOT IMPLEMENTED" };
+            var worst = r.Outputs.Count > 0 ? $" outputs={r.Outputs.Count} worst max_rel={Fmt.G(r.WorstRel)}" : "";
+            AnsiConsole.MarkupLine($"[{color}]{label,-15}[/] {Markup.Escape(r.Case),-22} {Markup.Escape(Path.GetFileName(r.File))}{worst} ({r.Elapsed.TotalSeconds:F1}s)");
+            if (r.Message != null && r.Status != CaseStatus.NotImplemented) AnsiConsole.MarkupLine($"    {Markup.Escape(r.Message)}");
+            foreach (var o in r.Outputs.Where(o => verbose || !o.Pass))
+                AnsiConsole.MarkupLine($"    {(o.Pass ? "[green]pass[/]" : "[red]FAIL[/]")} {Markup.Escape(o.Name),-44} max_abs={Fmt.G(o.MaxAbs)} max_rel={Fmt.G(o.MaxRel)} ({o.Tolerance}){(o.Note != null ? " " + Markup.Escape(o.Note) : "")}");
+        }
+    }
+
+    static class ParityReportJson
+    {
+        public static void Write(string path, IEnumerable<CaseReport> reports)
+        {
+            static double? N(double x) => double.IsFinite(x) ? x : null;
+            var doc = reports.Select(r => new
+            {
+                file = r.File, @case = r.Case, status = r.Status.ToString(), message = r.Message, seconds = r.Elapsed.TotalSeconds,
+                outputs = r.Outputs.Select(o => new { name = o.Name, max_abs = N(o.MaxAbs), max_rel = N(o.MaxRel), rtol = o.Tolerance.Rtol, atol = o.Tolerance.Atol, pass = o.Pass, note = o.Note }),
+            });
+            AtomicFile.WriteAllText(path, JsonSerializer.Serialize(doc, new JsonSerializerOptions { WriteIndented = true }));
+        }
+    }
+
+    public sealed class WeightsInspectSettings : CommandSettings
+    {
+        [CommandArgument(0, "<FILE>")]
+        [Description("A .safetensors, .pth, .pt or .ckpt file.")]
+        public string File { get; set; } = "";
+
+        [CommandOption("--raw")]
+        [Description("Do not unwrap 'state_dict' / 'params_ema' or strip 'module.'.")]
+        public bool Raw { get; set; }
+
+        [CommandOption("--limit <N>")]
+        [Description("Show at most N tensors (default: all).")]
+        public int? Limit { get; set; }
+    }
+
+    /// <summary><c>diffbir-lab weights inspect FILE</c>.</summary>
+    public sealed class WeightsInspectCommand : Command<WeightsInspectSettings>
+    {
+        public override int Execute(CommandContext context, WeightsInspectSettings s, CancellationToken cancellationToken)
+        {
+            using var sd = Checkpoint.Load(s.File, unwrap: !s.Raw, stripModulePrefix: !s.Raw);
+            var table = new Table().Border(TableBorder.Simple).AddColumns("name", "dtype", "shape", "count");
+            long total = 0;
+            foreach (var (k, t) in sd.Tensors.Take(s.Limit ?? int.MaxValue))
+                table.AddRow(Markup.Escape(k), t.dtype.ToString(), Fmt.Shape(t.shape), t.numel().ToString("N0", CultureInfo.InvariantCulture));
+            foreach (var t in sd.Tensors.Values) total += t.numel();
+            AnsiConsole.MarkupLine($"[bold]{Markup.Escape(s.File)}[/] ({sd.Format})");
+            AnsiConsole.Write(table);
+            AnsiConsole.MarkupLine($"{sd.Count} tensors, {total.ToString("N0", CultureInfo.InvariantCulture)} values");
+            foreach (var (k, v) in sd.Metadata)
+                AnsiConsole.MarkupLine($"metadata [blue]{Markup.Escape(k)}[/] = {Markup.Escape(v.Length > 200 ? v[..200] + "…" : v)}");
+            foreach (var n in sd.Notes) AnsiConsole.MarkupLine($"note: {Markup.Escape(n)}");
+            return 0;
+        }
+    }
+
+    public sealed class NotebooksRunSettings : CommandSettings
+    {
+        [CommandArgument(0, "<PATH>")]
+        [Description("Notebooks (.ipynb) or folders of them.")]
+        public string[] Paths { get; set; } = Array.Empty<string>();
+
+        [CommandOption("-o|--output <DIR>")]
+        [Description("Write each executed notebook (with outputs) into DIR.")]
+        public string? Output { get; set; }
+
+        [CommandOption("--cell-timeout <SECONDS>")]
+        [Description("Give up on a cell after this long (default 600).")]
+        public int CellTimeout { get; set; } = 600;
+    }
+
+    /// <summary><c>diffbir-lab notebooks run PATH…</c>: exit 1 at the first failing cell of any notebook.</summary>
+    public sealed class NotebooksRunCommand : Command<NotebooksRunSettings>
+    {
+        public override int Execute(CommandContext context, NotebooksRunSettings s, CancellationToken cancellationToken)
+        {
+            var files = s.Paths.SelectMany(p => Directory.Exists(p)
+                ? Directory.EnumerateFiles(p, "*.ipynb").OrderBy(x => x, StringComparer.Ordinal).ToArray()
+                : new[] { p }).ToList();
+            int failed = 0;
+            foreach (var f in files)
+            {
+                AnsiConsole.MarkupLine($"[bold]{Markup.Escape(f)}[/]");
+                var result = NotebookRunner.Run(f, new NotebookRunOptions
+                {
+                    CellTimeout = TimeSpan.FromSeconds(s.CellTimeout),
+                    OutputPath = s.Output == null ? null : Path.Combine(s.Output, Path.GetFileName(f)),
+                    Log = line => AnsiConsole.MarkupLine(Markup.Escape(line)),
+                }, cancellationToken);
+                if (result.Succeeded)
+                    AnsiConsole.MarkupLine($"[green]ok[/] {result.CellsRun} cells in {result.Elapsed.TotalSeconds:F1}s");
+                else
+                {
+                    failed++;
+                    AnsiConsole.MarkupLine($"[red]FAILED[/] at cell {result.FailedCell} (of {result.CodeCells} code cells): {Markup.Escape(result.Error ?? "")}");
+                }
+            }
+            AnsiConsole.WriteLine($"{files.Count - failed} passed, {failed} failed");
+            return failed == 0 ? 0 : 1;
+        }
+    }
+}

@@ -1,0 +1,43 @@
+using DiffBIR.Lab.Cli;
+using DiffBIR.Lab.Cli.Commands;
+using Spectre.Console;
+using Spectre.Console.Cli;
+
+// Logs and CI capture output through a pipe; don't wrap long report lines at 80 columns there.
+if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 200;
+
+var app = new CommandApp();
+app.Configure(c =>
+{
+    c.SetApplicationName("diffbir-lab");
+    c.AddCommand<DemoCommand>("demo")
+        .WithDescription("The main job. Until restoration lands (issues 3-5) it exercises image I/O, checkpoint reading and the parity runner, and says so.");
+    c.AddCommand<ParityCommand>("parity")
+        .WithDescription("Compare our implementation with the official code on golden fixtures (files or folders).");
+    c.AddBranch("weights", w =>
+    {
+        w.SetDescription("Checkpoint tools.");
+        w.AddCommand<WeightsInspectCommand>("inspect").WithDescription("List a checkpoint's tensors and metadata (never executes code from it).");
+    });
+    c.AddBranch("notebooks", n =>
+    {
+        n.SetDescription("Polyglot (.ipynb) notebooks.");
+        n.AddCommand<NotebooksRunCommand>("run").WithDescription("Execute notebooks headlessly, cell by cell; stop at the first failing cell.");
+    });
+    c.PropagateExceptions();
+});
+
+try
+{
+    return app.Run(args);
+}
+catch (CommandParseException e)
+{
+    AnsiConsole.MarkupLine($"[red]error:[/] {Markup.Escape(e.Message)}");
+    return 2;
+}
+catch (Exception e) when (CliErrors.IsUserError(e))
+{
+    AnsiConsole.MarkupLine($"[red]error:[/] {Markup.Escape(e.Message)}");
+    return 2;
+}
