@@ -130,7 +130,7 @@ namespace DiffBIR.Lab.Cli.Commands
             var table = new Table().Border(TableBorder.Simple).AddColumns("name", "dtype", "shape", "count");
             long total = 0;
             foreach (var (k, t) in sd.Tensors.Take(s.Limit ?? int.MaxValue))
-                table.AddRow(Markup.Escape(k), t.dtype.ToString(), Fmt.Shape(t.shape), t.numel().ToString("N0", CultureInfo.InvariantCulture));
+                table.AddRow(Markup.Escape(k), t.dtype.ToString(), Markup.Escape(Fmt.Shape(t.shape)), t.numel().ToString("N0", CultureInfo.InvariantCulture));
             foreach (var t in sd.Tensors.Values) total += t.numel();
             AnsiConsole.MarkupLine($"[bold]{Markup.Escape(s.File)}[/] ({sd.Format})");
             AnsiConsole.Write(table);

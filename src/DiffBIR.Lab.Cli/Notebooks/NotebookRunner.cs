@@ -40,7 +40,8 @@ public static class NotebookRunner
         catch (Exception e) when (e is JsonException or InvalidOperationException)
         { return new NotebookRunResult(notebookPath, 0, 0, null, $"not a valid .ipynb file: {e.Message}", sw.Elapsed); }
 
-        var defaultKernel = (string?)nb["metadata"]?["polyglot_notebook"]?["defaultKernelName"]
+        var defaultKernel = (string?)nb["metadata"]?["polyglot_notebook"]?["kernelInfo"]?["defaultKernelName"]
+                            ?? (string?)nb["metadata"]?["polyglot_notebook"]?["defaultKernelName"]
                             ?? ((string?)nb["metadata"]?["kernelspec"]?["language"])?.Replace("F#", "fsharp").Replace("C#", "csharp")
                             ?? "fsharp";
         var cells = nb["cells"]?.AsArray() ?? new JsonArray();
@@ -163,13 +164,17 @@ public static class NotebookRunner
                 }
                 case "StandardOutputValueProduced":
                 case "StandardErrorValueProduced":
-                    outputs.Add(new JsonObject
-                    {
-                        ["output_type"] = "stream", ["name"] = type.StartsWith("StandardError") ? "stderr" : "stdout",
-                        ["text"] = new JsonArray(Formatted(ev).FirstOrDefault().Value ?? ""),
-                    });
-                    if (type.StartsWith("StandardError")) lastError = Formatted(ev).FirstOrDefault().Value;
+                {
+                    // stdout arrives in fragments: merge consecutive fragments of one stream into one output.
+                    var name = type.StartsWith("StandardError") ? "stderr" : "stdout";
+                    var text = Formatted(ev).FirstOrDefault().Value ?? "";
+                    if (outputs.Count > 0 && outputs[^1] is JsonObject last && (string?)last["output_type"] == "stream" && (string?)last["name"] == name)
+                        last["text"] = new JsonArray(string.Concat(last["text"]!.AsArray().Select(x => (string?)x)) + text);
+                    else
+                        outputs.Add(new JsonObject { ["output_type"] = "stream", ["name"] = name, ["text"] = new JsonArray(text) });
+                    if (name == "stderr") lastError = text;
                     break;
+                }
                 case "DisplayedValueProduced":
                 case "DisplayedValueUpdated":
                 case "ReturnValueProduced":

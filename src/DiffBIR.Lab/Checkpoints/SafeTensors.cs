@@ -13,6 +13,12 @@ public sealed record SafeTensorEntry(string Name, string DType, long[] Shape, lo
     public long NumElements => Shape.Aggregate(1L, (a, b) => a * b);
 }
 
+/// <summary>A safetensors header: entries in file order, the <c>__metadata__</c> strings, and where data starts.</summary>
+public sealed record SafeTensorsHeader(List<SafeTensorEntry> Entries, Dictionary<string, string> Metadata, long DataStart);
+
+/// <summary>The tensors and metadata of a safetensors file.</summary>
+public sealed record SafeTensorsContent(Dictionary<string, Tensor> Tensors, Dictionary<string, string> Metadata);
+
 /// <summary>
 /// Reader and writer for the safetensors format (u64 little-endian header length, JSON header, raw little-endian
 /// C-contiguous data). Reading never executes anything: the header is JSON and the payload raw numbers.
@@ -42,7 +48,7 @@ public static class SafeTensors
     }
 
     /// <summary>Reads the header only: entries in file order and the <c>__metadata__</c> strings.</summary>
-    public static (List<SafeTensorEntry> Entries, Dictionary<string, string> Metadata, long DataStart) ReadHeader(string path)
+    public static SafeTensorsHeader ReadHeader(string path)
     {
         using var fs = OpenChecked(path);
         return ReadHeader(fs, path);
@@ -54,7 +60,7 @@ public static class SafeTensors
         return new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20);
     }
 
-    static (List<SafeTensorEntry>, Dictionary<string, string>, long) ReadHeader(FileStream fs, string path)
+    static SafeTensorsHeader ReadHeader(FileStream fs, string path)
     {
         if (fs.Length < 8) throw new CheckpointException(path, $"not a safetensors file: only {fs.Length} bytes");
         Span<byte> lenBytes = stackalloc byte[8];
@@ -91,11 +97,11 @@ public static class SafeTensors
                     $"tensor '{name}': data_offsets [{e.Begin}, {e.End}] do not match dtype {dtype} × shape [{string.Join(", ", shape)}] within {dataLen} data bytes (file truncated or corrupt)");
             entries.Add(e);
         }
-        return (entries, meta, dataStart);
+        return new SafeTensorsHeader(entries, meta, dataStart);
     }
 
     /// <summary>Reads every tensor (or those for which <paramref name="filter"/> is true) as CPU tensors.</summary>
-    public static (Dictionary<string, Tensor> Tensors, Dictionary<string, string> Metadata) Load(string path, Func<string, bool>? filter = null)
+    public static SafeTensorsContent Load(string path, Func<string, bool>? filter = null)
     {
         using var fs = OpenChecked(path);
         var (entries, meta, dataStart) = ReadHeader(fs, path);
@@ -105,7 +111,7 @@ public static class SafeTensors
             if (filter != null && !filter(e.Name)) continue;
             result[e.Name] = ReadTensor(fs, dataStart, e);
         }
-        return (result, meta);
+        return new SafeTensorsContent(result, meta);
     }
 
     static Tensor ReadTensor(FileStream fs, long dataStart, SafeTensorEntry e)

@@ -33,6 +33,19 @@ public sealed record ImageLoadOptions
 /// <summary>What a loaded image was: format, size, bit depth, and notices (alpha dropped, orientation applied…).</summary>
 public sealed record ImageInfo(string Path, string Format, int Width, int Height, int BitDepth, bool HadAlpha, IReadOnlyList<string> Notices);
 
+/// <summary>A decoded image: float32 [1,3,H,W] RGB in [0,1], and what the file was. Dispose to free the tensor.</summary>
+public sealed class LoadedImage : IDisposable
+{
+    public Tensor Image { get; }
+    public ImageInfo Info { get; }
+    public LoadedImage(Tensor image, ImageInfo info) { Image = image; Info = info; }
+    public void Deconstruct(out Tensor image, out ImageInfo info) { image = Image; info = Info; }
+    public void Dispose() => Image.Dispose();
+}
+
+/// <summary>Header facts read without decoding pixels.</summary>
+public sealed record ImageHeader(string Format, int Width, int Height, int BitsPerPixel);
+
 /// <summary>An image could not be read or written; the message names the file and the cause.</summary>
 public sealed class ImageFileException : Exception
 {
@@ -60,7 +73,7 @@ public static class ImageIO
     }
 
     /// <summary>Reads only the header: format and size (no pixels decoded).</summary>
-    public static (string Format, int Width, int Height, int BitsPerPixel) Identify(string path, ImageLoadOptions? options = null)
+    public static ImageHeader Identify(string path, ImageLoadOptions? options = null)
     {
         var o = options ?? ImageLoadOptions.Default;
         var cfg = MakeConfiguration(o);
@@ -77,7 +90,7 @@ public static class ImageIO
         return File.ReadAllBytes(path);
     }
 
-    static (string, int, int, int) IdentifyBytes(string path, byte[] bytes, Configuration cfg, ImageLoadOptions o)
+    static ImageHeader IdentifyBytes(string path, byte[] bytes, Configuration cfg, ImageLoadOptions o)
     {
         IImageInfo? info;
         IImageFormat? fmt;
@@ -97,16 +110,17 @@ public static class ImageIO
         double mp = (double)info.Width * info.Height / 1e6;
         if (mp > o.MaxMegapixels)
             throw new ImageFileException(path, $"image is {mp:F1} MP, over the limit of {o.MaxMegapixels} MP (ImageLoadOptions.MaxMegapixels)");
-        return (fmt.Name.ToUpperInvariant(), info.Width, info.Height, info.PixelType?.BitsPerPixel ?? 0);
+        return new ImageHeader(fmt.Name.ToUpperInvariant(), info.Width, info.Height, info.PixelType?.BitsPerPixel ?? 0);
     }
 
     /// <summary>Loads an image as float32 [1,3,H,W] RGB in [0,1] (8-bit: v/255, 16-bit: v/65535).</summary>
-    public static (Tensor Image, ImageInfo Info) Load(string path, ImageLoadOptions? options = null)
+    public static LoadedImage Load(string path, ImageLoadOptions? options = null)
     {
         var o = options ?? ImageLoadOptions.Default;
         var cfg = MakeConfiguration(o);
         var bytes = ReadAll(path);
-        var (format, _, _, bpp) = IdentifyBytes(path, bytes, cfg, o);
+        var header = IdentifyBytes(path, bytes, cfg, o);
+        string format = header.Format; int bpp = header.BitsPerPixel;
         CheckComplete(path, format, bytes);
         Image<Rgba64> img;
         try
@@ -157,7 +171,7 @@ public static class ImageIO
             bool hadAlpha = declaredAlpha || anyTransparent;
             if (hadAlpha) notices.Add(anyTransparent ? "alpha channel dropped (the image has transparent pixels; colour kept as stored, not composited)" : "alpha channel dropped (fully opaque)");
             var t = torch.tensor(data, new long[] { 1, 3, h, w });
-            return (t, new ImageInfo(path, format, w, h, bitDepth, hadAlpha, notices));
+            return new LoadedImage(t, new ImageInfo(path, format, w, h, bitDepth, hadAlpha, notices));
         }
     }
 
@@ -209,6 +223,24 @@ public static class ImageIO
         return t.permute(0, 3, 1, 2).to(ScalarType.Float32).div(255f).contiguous().MoveToOuterDisposeScope();
     }
 
+    /// <summary>PNG bytes of [1,3,H,W] / [3,H,W] in [0,1] (for notebooks and reports; no file is written).</summary>
+    public static byte[] EncodePng(Tensor image, Quantization q = Quantization.Truncate)
+    {
+        using var img = ToImage(image, q);
+        using var ms = new MemoryStream();
+        img.Save(ms, new PngEncoder());
+        return ms.ToArray();
+    }
+
+    static Image<Rgb24> ToImage(Tensor image, Quantization q)
+    {
+        using var u8 = image.dtype == ScalarType.Byte ? (image.dim() == 3 ? image.unsqueeze(0) : image.alias()) : ToUInt8(image, q);
+        if (u8.shape[0] != 1) throw new ArgumentException($"one image at a time, got a batch of {u8.shape[0]}");
+        int h = (int)u8.shape[1], w = (int)u8.shape[2];
+        var bytes = u8.contiguous().data<byte>().ToArray();
+        return Image.LoadPixelData<Rgb24>(bytes, w, h);
+    }
+
     /// <summary>
     /// Saves [1,3,H,W] / [3,H,W] float in [0,1] (or uint8 [H,W,3]) as PNG or JPEG, chosen by extension. Written to a
     /// temporary file and renamed, so an interrupted save never leaves a partial image.
@@ -222,11 +254,8 @@ public static class ImageIO
             ".jpg" or ".jpeg" => new JpegEncoder { Quality = jpegQuality },
             _ => throw new ImageFileException(path, $"cannot write '{ext}': output must be .png, .jpg or .jpeg"),
         };
-        using var u8 = image.dtype == ScalarType.Byte ? (image.dim() == 3 ? image.unsqueeze(0) : image.alias()) : ToUInt8(image, q);
-        if (u8.shape[0] != 1) throw new ImageFileException(path, $"can save one image at a time, got a batch of {u8.shape[0]}");
-        int h = (int)u8.shape[1], w = (int)u8.shape[2];
-        var bytes = u8.contiguous().data<byte>().ToArray();
-        using var img = Image.LoadPixelData<Rgb24>(bytes, w, h);
+        if ((image.dim() == 4 ? image.shape[0] : 1) != 1) throw new ImageFileException(path, $"can save one image at a time, got a batch of {image.shape[0]}");
+        using var img = ToImage(image, q);
         AtomicFile.Write(path, fs => img.Save(fs, encoder));
     }
 }

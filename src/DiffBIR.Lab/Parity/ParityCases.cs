@@ -6,15 +6,18 @@ using static TorchSharp.torch;
 
 namespace DiffBIR.Lab.Parity;
 
-/// <summary>The registry of implemented parity cases. Later stages add theirs here.</summary>
+/// <summary>
+/// The registry of implemented parity cases: every public, non-abstract <see cref="IParityCase"/> with a
+/// parameterless constructor in this assembly. A new network or sampler registers its case by defining the class.
+/// </summary>
 public static class ParityCases
 {
-    public static IEnumerable<IParityCase> All() => new IParityCase[]
-    {
-        new CheckpointFormatsCase(),
-        new DiffusionScheduleCase(),
-        new SdKeyMapCase(),
-    };
+    public static IEnumerable<IParityCase> All() =>
+        typeof(IParityCase).Assembly.GetTypes()
+            .Where(t => t is { IsAbstract: false, IsInterface: false, IsPublic: true } && typeof(IParityCase).IsAssignableFrom(t)
+                        && t.GetConstructor(Type.EmptyTypes) != null)
+            .OrderBy(t => t.FullName, StringComparer.Ordinal)
+            .Select(t => (IParityCase)Activator.CreateInstance(t)!);
 }
 
 /// <summary>

@@ -1,0 +1,57 @@
+/// The command line, run as a user would (a separate process).
+module DiffBIR.Lab.Tests.CliTests
+
+open System.IO
+open System.Diagnostics
+open Xunit
+open FsUnit.Xunit
+open DiffBIR.Lab.Tests.TestSupport
+
+/// Runs `diffbir-lab ARGS` (the build output copied beside the tests) and returns exit code and output.
+let run (args: string list) =
+    let dll = Path.Combine(System.AppContext.BaseDirectory, "diffbir-lab.dll")
+    let psi = ProcessStartInfo("dotnet", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false)
+    psi.ArgumentList.Add dll
+    for a in args do psi.ArgumentList.Add a
+    use p = Process.Start psi
+    let out = p.StandardOutput.ReadToEndAsync()
+    let err = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    p.ExitCode, out.Result + err.Result
+
+[<Fact>]
+let ``weights inspect lists tensors, dtypes, shapes and counts`` () =
+    let code, out = run [ "weights"; "inspect"; fixture "checkpoints/lightning_style.ckpt" ]
+    code |> should equal 0
+    out |> should haveSubstring "conv.weight"
+    out |> should haveSubstring "[4, 3, 3, 3]"
+    out |> should haveSubstring "BFloat16"
+    out |> should haveSubstring "global_step"
+
+[<Theory>]
+[<InlineData("malicious_reduce.pth", "system")>]
+[<InlineData("malicious_eval.ckpt", "eval")>]
+[<InlineData("truncated.pth", "truncated.pth")>]
+let ``weights inspect refuses hostile and broken checkpoints with a clear error`` (file: string, fragment: string) =
+    let code, out = run [ "weights"; "inspect"; fixture ("checkpoints/" + file) ]
+    code |> should equal 2
+    out |> should haveSubstring fragment
+    out |> should not' (haveSubstring "   at ") // no stack trace
+
+[<Fact>]
+let ``parity exits non-zero when a case is not implemented and zero when all pass`` () =
+    let code, out = run [ "parity"; fixture "vae.safetensors" ]
+    code |> should equal 1
+    out |> should haveSubstring "NOT IMPLEMENTED"
+    let code2, out2 = run [ "parity"; fixture "diffusion_schedule.safetensors"; fixture "checkpoints/expected.json" ]
+    code2 |> should equal 0
+    out2 |> should haveSubstring "2 passed, 0 failed, 0 not implemented"
+
+[<Fact>]
+let ``the demo writes its images and a manifest`` () =
+    use dir = new TempDir()
+    let code, out = run [ "demo"; "--fixtures"; fixture "checkpoints"; "--output"; dir.Path; "--weights"; dir.File "none" ]
+    code |> should equal 0
+    out |> should haveSubstring "not implemented yet"
+    File.Exists(dir.File "testcard.png") |> should be True
+    File.ReadAllText(dir.File "manifest.json") |> should haveSubstring "\"restoration\""
