@@ -125,6 +125,7 @@ public static class TorchPickleFile
         var keys = new SafeUnpickler(fs, path, null).Load() as List<object?>
                    ?? throw new CheckpointException(path, "legacy file has no storage key list");
         var storages = new Dictionary<string, Tensor>();
+        Span<byte> nb = stackalloc byte[8];
         try
         {
             foreach (var k in keys)
@@ -132,7 +133,6 @@ public static class TorchPickleFile
                 var key = k as string ?? throw new CheckpointException(path, "storage key is not a string");
                 if (!roots.TryGetValue(key, out var r)) throw new CheckpointException(path, $"storage '{key}' is listed but never referenced");
                 var (type, size) = DType(path, r.StorageType);
-                Span<byte> nb = stackalloc byte[8];
                 fs.ReadExactly(nb);
                 long numel = BitConverter.ToInt64(nb);
                 if (numel < 0 || numel * size > fs.Length - fs.Position)
