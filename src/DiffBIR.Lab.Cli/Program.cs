@@ -18,6 +18,7 @@ app.Configure(c =>
     {
         w.SetDescription("Checkpoint tools.");
         w.AddCommand<WeightsInspectCommand>("inspect").WithDescription("List a checkpoint's tensors and metadata (never executes code from it).");
+        w.AddCommand<WeightsListCommand>("list").WithDescription("The official checkpoints of weights/manifest.json, and which are present.");
     });
     c.AddBranch("notebooks", n =>
     {

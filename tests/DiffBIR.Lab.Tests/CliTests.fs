@@ -55,3 +55,31 @@ let ``the demo writes its images and a manifest`` () =
     out |> should haveSubstring "not implemented yet"
     File.Exists(dir.File "testcard.png") |> should be True
     File.ReadAllText(dir.File "manifest.json") |> should haveSubstring "\"restoration\""
+
+[<Fact>]
+let ``the weights manifest names a URL and loader for every file each preset needs`` () =
+    let m = DiffBIR.Lab.Weights.WeightsManifest.Load(Path.Combine(repoRoot, "weights", "manifest.json"))
+    for preset in [ "v1"; "v2"; "v2.1" ] do
+        for task in [ "sr"; "face"; "denoise" ] do
+            let files = m.FilesFor(preset, task)
+            files.Count |> should equal 4
+            for f in files do
+                f.Url |> should startWith "https://"
+                f.Loading |> should not' (be EmptyString)
+    (m.FilesFor("v2", "sr") |> Seq.map (fun f -> f.Id) |> List.ofSeq) |> should equal [ "bsrnet"; "sd_v2.1"; "v2"; "bpe_vocab" ]
+    (m.FilesFor("v2.1", "sr") |> Seq.map (fun f -> f.Id) |> List.ofSeq) |> should equal [ "swinir_realesrgan"; "sd_v2.1_zsnr"; "v2.1"; "bpe_vocab" ]
+    let vocab = File.ReadAllBytes(fixture "bpe_simple_vocab_16e6.txt.gz")
+    m.["bpe_vocab"].Sha256 |> should equal (System.Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData vocab))
+    m.["bpe_vocab"].SizeBytes |> should equal (System.Nullable(int64 vocab.Length))
+    use dir = new TempDir()
+    m.Missing(dir.Path, "v2", "face").Count |> should equal 4
+
+[<Fact>]
+let ``weights list shows every manifest file and whether it is present`` () =
+    use dir = new TempDir()
+    File.WriteAllBytes(dir.File "v2.pth", [| 0uy |])
+    let code, out = run [ "weights"; "list"; "--weights"; dir.Path; "--manifest"; Path.Combine(repoRoot, "weights", "manifest.json") ]
+    code |> should equal 0
+    out |> should haveSubstring "v2-1_512-ema-pruned.ckpt"
+    out |> should haveSubstring "present"
+    out |> should haveSubstring "missing"

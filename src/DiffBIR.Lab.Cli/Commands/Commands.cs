@@ -142,6 +142,41 @@ namespace DiffBIR.Lab.Cli.Commands
         }
     }
 
+    public sealed class WeightsListSettings : CommandSettings
+    {
+        [CommandOption("--weights <DIR>")]
+        [Description("The weights folder (default weights/).")]
+        public string Weights { get; set; } = "weights";
+
+        [CommandOption("--manifest <FILE>")]
+        [Description("The manifest (default weights/manifest.json).")]
+        public string? Manifest { get; set; }
+    }
+
+    /// <summary><c>diffbir-lab weights list</c>: the official files, where they come from, and which are present.</summary>
+    public sealed class WeightsListCommand : Command<WeightsListSettings>
+    {
+        public override int Execute(CommandContext context, WeightsListSettings s, CancellationToken cancellationToken)
+        {
+            var m = DiffBIR.Lab.Weights.WeightsManifest.Load(s.Manifest ?? Path.Combine(s.Weights, "manifest.json"));
+            var table = new Table().Border(TableBorder.Simple).AddColumns("id", "file", "state", "loads into", "url");
+            foreach (var f in m.Files)
+            {
+                var path = Path.Combine(s.Weights, f.File);
+                var state = File.Exists(path) ? $"[green]present[/] ({new FileInfo(path).Length:N0} B)" : "[yellow]missing[/]";
+                table.AddRow(Markup.Escape(f.Id), Markup.Escape(f.File), state, Markup.Escape(f.LoadsInto), Markup.Escape(f.Url));
+            }
+            AnsiConsole.Write(table);
+            foreach (var (preset, _) in m.Presets)
+                foreach (var task in new[] { "sr", "face", "denoise" })
+                {
+                    var missing = m.Missing(s.Weights, preset, task);
+                    AnsiConsole.MarkupLine($"{preset,-5} {task,-8} " + (missing.Count == 0 ? "[green]complete[/]" : $"missing {Markup.Escape(string.Join(", ", missing.Select(x => x.File)))}"));
+                }
+            return 0;
+        }
+    }
+
     public sealed class NotebooksRunSettings : CommandSettings
     {
         [CommandArgument(0, "<PATH>")]
