@@ -18,6 +18,7 @@ app.Configure(c =>
     {
         w.SetDescription("Checkpoint tools.");
         w.AddCommand<WeightsInspectCommand>("inspect").WithDescription("List a checkpoint's tensors and metadata (never executes code from it).");
+        w.AddCommand<WeightsFetchCommand>("fetch").WithDescription("Download a preset's official checkpoints into weights/ (progress, resume, SHA-256). The only network access of this tool.");
         w.AddCommand<WeightsListCommand>("list").WithDescription("The official checkpoints of weights/manifest.json, and which are present.");
     });
     c.AddBranch("notebooks", n =>

@@ -142,7 +142,7 @@ namespace DiffBIR.Lab.Cli.Commands
         }
     }
 
-    public sealed class WeightsListSettings : CommandSettings
+    public class WeightsListSettings : CommandSettings
     {
         [CommandOption("--weights <DIR>")]
         [Description("The weights folder (default weights/).")]
@@ -174,6 +174,56 @@ namespace DiffBIR.Lab.Cli.Commands
                     AnsiConsole.MarkupLine($"{preset,-5} {task,-8} " + (missing.Count == 0 ? "[green]complete[/]" : $"missing {Markup.Escape(string.Join(", ", missing.Select(x => x.File)))}"));
                 }
             return 0;
+        }
+    }
+
+    public sealed class WeightsFetchSettings : WeightsListSettings
+    {
+        [CommandArgument(0, "<PRESET>")]
+        [Description("v1, v2 or v2.1.")]
+        public string Preset { get; set; } = "";
+
+        [CommandOption("--task <TASK>")]
+        [Description("sr, face, denoise, or all (default all).")]
+        public string Task { get; set; } = "all";
+    }
+
+    /// <summary><c>diffbir-lab weights fetch PRESET</c>: download with progress, resume and SHA-256 checks.</summary>
+    public sealed class WeightsFetchCommand : AsyncCommand<WeightsFetchSettings>
+    {
+        public override async Task<int> ExecuteAsync(CommandContext context, WeightsFetchSettings s, CancellationToken ct)
+        {
+            var m = DiffBIR.Lab.Weights.WeightsManifest.Load(s.Manifest ?? Path.Combine(s.Weights, "manifest.json"));
+            var tasks = s.Task == "all" ? new[] { "sr", "face", "denoise" } : new[] { s.Task };
+            var files = tasks.SelectMany(t => m.FilesFor(s.Preset, t)).DistinctBy(f => f.Id).ToList();
+            var fetcher = new DiffBIR.Lab.Weights.WeightsFetcher(s.Weights);
+            int failed = 0;
+            await AnsiConsole.Progress().AutoClear(false)
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new DownloadedColumn(), new TransferSpeedColumn(), new RemainingTimeColumn())
+                .StartAsync(async pctx =>
+                {
+                    foreach (var f in files)
+                    {
+                        var task = pctx.AddTask(Markup.Escape(f.File), maxValue: f.SizeBytes ?? 1);
+                        try
+                        {
+                            var r = await fetcher.FetchAsync(f, new Progress<DiffBIR.Lab.Weights.FetchProgress>(p =>
+                            {
+                                if (p.Total is long t) task.MaxValue = t;
+                                task.Value = p.Bytes;
+                            }), ct);
+                            task.MaxValue = Math.Max(1, r.Bytes); task.Value = task.MaxValue;
+                            task.Description = Markup.Escape(f.File) + (r.AlreadyPresent ? " [grey](present)[/]" : r.Resumed ? " [green](resumed)[/]" : "");
+                        }
+                        catch (DiffBIR.Lab.Weights.WeightsFetchException e)
+                        {
+                            failed++;
+                            task.StopTask();
+                            AnsiConsole.MarkupLine($"[red]error:[/] {Markup.Escape(e.Message)}");
+                        }
+                    }
+                });
+            return failed == 0 ? 0 : 2;
         }
     }
 
