@@ -72,3 +72,16 @@ let ``stage 1 of the v2 pipeline reproduces the official condition image`` () =
     use stage1 = ImageOps.ResizeShortEdgeTo(restored, 512)
     let r = ParityRunner.Compare("stage1", stage1, fx.Out "untiled.stage1", Tolerance(1e-5, 0.0))
     Assert.True(r.Pass, sprintf "max_abs %g max_rel %g" r.MaxAbs r.MaxRel)
+
+[<Fact>]
+let ``identical images score the official 80 dB cap and SSIM 1`` () =
+    use x = torch.rand(2L, 3L, 32L, 32L, dtype = torch.ScalarType.Float64)
+    let psnr = DiffBIR.Lab.Metrics.ImageMetrics.Psnr(x, x)
+    psnr.shape |> should equal [| 2L |]
+    psnr.[0L].item<float>() |> should (equalWithin 1e-9) 80.0
+    DiffBIR.Lab.Metrics.ImageMetrics.Ssim(x, x).[1L].item<float>() |> should (equalWithin 1e-12) 1.0
+
+[<Fact>]
+let ``metrics match the official code and skimage on every fixture pair`` () =
+    let r = assertParity "metrics.safetensors"
+    r.Outputs.Count |> should equal 78
