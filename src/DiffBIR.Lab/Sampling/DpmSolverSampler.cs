@@ -138,7 +138,7 @@ public sealed class DpmSolverSampler : Sampler
                 UseNegative = Options.CfgScale != 1.0, Batching = CfgBatching.NegativeFirst, Branch = branch,
                 ToX0 = toX0, FromX0 = fromX0, X0Coefficient = coef,
             };
-            return ctx.Ask(r, keep.Append(alphaT).Append(sigmaT).ToArray());
+            return ctx.Ask(r, keep.Append(alphaT).Append(sigmaT).Append(tC).ToArray());
         }
         Tensor ModelValue() => PlusPlus ? ctx.PredictedX0 : ctx.Output;
 

@@ -31,7 +31,7 @@ public sealed class EdmDpm2 : EdmSampler
             }
             else
             {
-                var sigmaMid = sigmaHat.log().lerp(e.S(i + 1).log(), 0.5).exp();
+                var sigmaMid = sigmaHat.log().lerp(e.S(i + 1).log(), torch.tensor(0.5f)).exp();
                 var dt1 = sigmaMid - sigmaHat;
                 var dt2 = e.S(i + 1) - sigmaHat;
                 var x2 = x + d * dt1;

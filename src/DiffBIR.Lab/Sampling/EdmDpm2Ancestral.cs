@@ -29,7 +29,7 @@ public sealed class EdmDpm2Ancestral : EdmSampler
             }
             else
             {
-                var sigmaMid = e.S(i).log().lerp(down.log(), 0.5).exp();
+                var sigmaMid = e.S(i).log().lerp(down.log(), torch.tensor(0.5f)).exp();
                 var dt1 = sigmaMid - e.S(i);
                 var dt2 = down - e.S(i);
                 var x2 = x + d * dt1;

@@ -199,7 +199,7 @@ public static class Samplers
 
     /// <summary>Every name <see cref="Create"/> accepts.</summary>
     public static IEnumerable<string> Names =>
-        new[] { "spaced", "ddim", "dpm_m1", "dpm_m2", "dpm_m3", "dpm++_m1", "dpm++_m2", "dpm++_m3" }.Concat(Edm.Select(e => "edm_" + e));
+        new[] { "spaced", "ddim", "dpm_m1", "dpm_m2", "dpm++_m1", "dpm++_m2" }.Concat(Edm.Select(e => "edm_" + e));
 
     public static Sampler Create(string samplerType, NoiseSchedule schedule, SamplerOptions? options = null)
     {
