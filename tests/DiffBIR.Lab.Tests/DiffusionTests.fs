@@ -241,6 +241,7 @@ let ``guidance on x̂₀ works with every sampler: the loop reports loss and gra
 [<InlineData("b_mse_rgb")>]
 [<InlineData("c_wmse_rgb")>]
 [<InlineData("d_mse_latent")>]
+[<InlineData("e_wmse_rgb_repeat2")>]
 [<InlineData("f_mse_rgb_window")>]
 let ``v2.0.0 guided spaced sampling replays from the recorded eps and guided x0`` (variant: string) =
     use f = Fixture.Load(fixture (Path.Combine("v2.0.0", "sampler_guided.safetensors")))
