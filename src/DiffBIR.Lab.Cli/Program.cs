@@ -19,6 +19,11 @@ app.Configure(c =>
         w.SetDescription("Checkpoint tools.");
         w.AddCommand<WeightsInspectCommand>("inspect").WithDescription("List a checkpoint's tensors and metadata (never executes code from it).");
     });
+    c.AddBranch("bench", b =>
+    {
+        b.SetDescription("Benchmarks (not tests).");
+        b.AddCommand<BenchBuildCommand>("build").WithDescription("Build the full-size networks on the CPU (float32) and report time, parameters and memory.");
+    });
     c.AddBranch("notebooks", n =>
     {
         n.SetDescription("Polyglot (.ipynb) notebooks.");
