@@ -149,11 +149,22 @@ let ``decoder channels at each skip follow the released UNet's output blocks`` (
 [<InlineData(ControlMode.Add)>]
 [<InlineData(ControlMode.ConcatFeatures)>]
 [<InlineData(ControlMode.Sft)>]
-let ``at initialisation (zero convs) every control mode returns the plain UNet's output`` (mode: ControlMode) =
-    use m = loadTiny mode
-    zeroControlOutputs m.ControlNet
+let ``at initialisation (copied from the UNet, zero convs) every control mode returns the plain UNet's output`` (mode: ControlMode) =
+    use m = loadTiny ControlMode.Add
+    // A fresh ControlNet started like the official training: load_controlnet_from_unet — the encoder is the UNet's,
+    // the first conv gets zeros for the hint channels, the zero convs (and the variants' convs) stay zero.
+    use cn = new ControlNet(m.ControlNet.Config, mode)
+    let struct (newZero, scratch) = cn.LoadFromUNet m.Unet
+    List.ofSeq newZero |> should equal [ "input_blocks.0.0.weight" ]
+    for key in scratch do
+        if not (key.StartsWith "zero_convs." || key.StartsWith "middle_block_out." || key.StartsWith "decoder_convs."
+                || key.StartsWith "gamma_convs." || key.StartsWith "middle_block_gamma.") then
+            failwithf "%s was not initialised from the UNet" key
+    cn.AttentionMode <- AttentionMode.Vanilla
     use _ = torch.no_grad ()
-    use e = eps m "scale1"
+    use c = cn.forward(m.X, m.Hint, m.T, m.Context)
+    use s = c.Scaled(scales m.Fixture "scale1")
+    use e = m.Unet.forward(m.X, m.T, m.Context, s)
     use plain = m.Unet.forward(m.X, m.T, m.Context)
     let d = maxAbs e plain
     log (sprintf "%A at init: max|eps − eps_plain| = %g" mode d)

@@ -168,6 +168,30 @@ public sealed class ControlNet : nn.Module<Tensor, Tensor, Tensor, Tensor, Contr
     /// <summary>Official <c>make_zero_conv</c>: TimestepEmbedSequential(zero 1×1 conv), hence the keys <c>zero_convs.k.0.*</c>.</summary>
     static TimestepEmbedSequential ZeroConv(int inCh, int outCh) => new(SdNn.Zero(nn.Conv2d(inCh, outCh, 1)));
 
+    /// <summary>
+    /// Official <c>ControlLDM.load_controlnet_from_unet</c> (how IRControlNet starts training): every key the UNet also
+    /// has is copied; a key whose shape differs (only <c>input_blocks.0.0.weight</c>, which also sees the hint
+    /// channels) gets the UNet's weight followed by zeros for the extra input channels; the rest (zero convs and the
+    /// variants' convs) keep their zero initialisation. Returns the two lists of keys like the official code.
+    /// </summary>
+    public (IReadOnlyList<string> InitWithNewZero, IReadOnlyList<string> InitWithScratch) LoadFromUNet(UNetModel unet)
+    {
+        var unetSd = unet.state_dict();
+        var newZero = new List<string>();
+        var scratch = new List<string>();
+        using var _ = torch.no_grad();
+        foreach (var (key, mine) in state_dict())
+        {
+            if (!unetSd.TryGetValue(key, out var target)) { scratch.Add(key); continue; }
+            if (mine.shape.SequenceEqual(target.shape)) { mine.copy_(target); continue; }
+            using var zeros = torch.zeros(mine.shape[0], mine.shape[1] - target.shape[1], mine.shape[2], mine.shape[3], dtype: target.dtype);
+            using var padded = torch.cat(new[] { target, zeros }, 1);
+            mine.copy_(padded);
+            newZero.Add(key);
+        }
+        return (newZero, scratch);
+    }
+
     /// <summary>Sets the attention implementation of every CrossAttention.</summary>
     public AttentionMode AttentionMode
     {
