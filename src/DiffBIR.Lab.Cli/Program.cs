@@ -21,6 +21,11 @@ app.Configure(c =>
         w.AddCommand<WeightsFetchCommand>("fetch").WithDescription("Download a preset's official checkpoints into weights/ (progress, resume, SHA-256). The only network access of this tool.");
         w.AddCommand<WeightsListCommand>("list").WithDescription("The official checkpoints of weights/manifest.json, and which are present.");
     });
+    c.AddBranch("bench", b =>
+    {
+        b.SetDescription("Benchmarks (not tests).");
+        b.AddCommand<BenchBuildCommand>("build").WithDescription("Build the full-size networks on the CPU (float32) and report time, parameters and memory.");
+    });
     c.AddBranch("notebooks", n =>
     {
         n.SetDescription("Polyglot (.ipynb) notebooks.");
