@@ -175,3 +175,17 @@ let ``Encode(prompts) tokenizes and encodes like the official encode(text)`` () 
     use y = clip.Encode prompts
     y.shape |> should equal [| 5L; 77L; 32L |]
     maxAbsDiff y (fx.Out "embedding") |> should be (lessThan 1e-5)
+
+[<Fact>]
+let ``gradients flow from the decoded image back to the latent (needed by RGB-space guidance)`` () =
+    use fx = Fixture.Load(fixture "vae.safetensors")
+    use vae = new AutoencoderKL(VaeConfig.FromJson fx.Config)
+    StateDictLoader.Load(vae, fx.Weights()) |> ignore
+    use z = (fx.In "z").detach().requires_grad_(true)
+    use loss = vae.DecodeScaled(z).square().mean()
+    loss.backward()
+    let g = z.grad
+    isNull g |> should be False
+    g.shape |> should equal z.shape
+    g.isfinite().all().item<bool>() |> should be True
+    g.abs().max().item<float32>() |> should be (greaterThan 0.0f)
