@@ -1,0 +1,424 @@
+using System.Text.Json.Nodes;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace DiffBIR.Lab.Models.Vae;
+
+/// <summary>
+/// Encoder/decoder shape of the KL autoencoder (official <c>ddconfig</c> of <c>diffbir.model.vae</c>). Defaults are the
+/// released Stable Diffusion 2.1 VAE (configs/inference/cldm.yaml <c>vae_cfg.ddconfig</c>, KL-f8).
+/// </summary>
+public sealed record VaeDdConfig
+{
+    public bool DoubleZ { get; init; } = true;
+    public int ZChannels { get; init; } = 4;
+    /// <summary>Only decides at which feature resolutions <see cref="AttnResolutions"/> apply; any input size works.</summary>
+    public int Resolution { get; init; } = 256;
+    public int InChannels { get; init; } = 3;
+    public int OutCh { get; init; } = 3;
+    public int Ch { get; init; } = 128;
+    public int[] ChMult { get; init; } = { 1, 2, 4, 4 };
+    public int NumResBlocks { get; init; } = 2;
+    /// <summary>Empty for SD: the only attention is the middle block's <c>mid.attn_1</c>, which always exists.</summary>
+    public int[] AttnResolutions { get; init; } = Array.Empty<int>();
+    /// <summary>Dropout is the identity at inference; kept for the config's sake.</summary>
+    public double Dropout { get; init; }
+
+    public static VaeDdConfig FromJson(JsonNode n) => new()
+    {
+        DoubleZ = (bool?)n["double_z"] ?? true,
+        ZChannels = (int)n["z_channels"]!,
+        Resolution = (int)n["resolution"]!,
+        InChannels = (int)n["in_channels"]!,
+        OutCh = (int)n["out_ch"]!,
+        Ch = (int)n["ch"]!,
+        ChMult = n["ch_mult"]!.AsArray().Select(x => (int)x!).ToArray(),
+        NumResBlocks = (int)n["num_res_blocks"]!,
+        AttnResolutions = n["attn_resolutions"]?.AsArray().Select(x => (int)x!).ToArray() ?? Array.Empty<int>(),
+        Dropout = (double?)n["dropout"] ?? 0.0,
+    };
+}
+
+/// <summary>Official <c>vae_cfg</c>: the autoencoder plus the latent scale ControlLDM applies around it.</summary>
+public sealed record VaeConfig
+{
+    public int EmbedDim { get; init; } = 4;
+    public VaeDdConfig DdConfig { get; init; } = new();
+    /// <summary>Stable Diffusion's latent scale (ControlLDM <c>latent_scale_factor</c>): z_unet = 0.18215 · z_vae.</summary>
+    public double LatentScaleFactor { get; init; } = 0.18215;
+
+    /// <summary>The released SD 2.1 VAE (83,653,863 values).</summary>
+    public static VaeConfig Sd21 { get; } = new();
+
+    /// <summary>Reads <c>{"embed_dim", "ddconfig", "latent_scale_factor"?}</c> (a fixture config or a cldm.yaml vae_cfg as JSON).</summary>
+    public static VaeConfig FromJson(JsonNode n) => new()
+    {
+        EmbedDim = (int)n["embed_dim"]!,
+        DdConfig = VaeDdConfig.FromJson(n["ddconfig"]!),
+        LatentScaleFactor = (double?)n["latent_scale_factor"] ?? 0.18215,
+    };
+}
+
+/// <summary>Shared pieces of the LDM autoencoder (official vae.py helpers).</summary>
+static class VaeOps
+{
+    /// <summary>GroupNorm with 32 groups and eps 1e-6 (official <c>Normalize</c>; note the eps differs from torch's 1e-5).</summary>
+    public static GroupNorm Normalize(long channels) => nn.GroupNorm(32, channels, eps: 1e-6, affine: true);
+
+    /// <summary>swish, written as x·σ(x) like the official <c>nonlinearity</c> (silu may round differently).</summary>
+    public static Tensor Swish(Tensor x) => x * torch.sigmoid(x);
+}
+
+/// <summary>Pre-activation residual block without a time embedding (official <c>ResnetBlock</c>, temb_channels=0).</summary>
+public sealed class ResnetBlock : nn.Module<Tensor, Tensor>
+{
+    readonly GroupNorm norm1, norm2;
+    readonly Conv2d conv1, conv2;
+    /// <summary>1×1 projection of the skip path, present only when the channel count changes.</summary>
+    readonly Conv2d? nin_shortcut;
+
+    public ResnetBlock(long inChannels, long outChannels) : base(nameof(ResnetBlock))
+    {
+        norm1 = VaeOps.Normalize(inChannels);
+        conv1 = nn.Conv2d(inChannels, outChannels, 3, stride: 1, padding: 1);
+        norm2 = VaeOps.Normalize(outChannels);
+        conv2 = nn.Conv2d(outChannels, outChannels, 3, stride: 1, padding: 1);
+        if (inChannels != outChannels) nin_shortcut = nn.Conv2d(inChannels, outChannels, 1);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        var h = conv1.forward(VaeOps.Swish(norm1.forward(x)));
+        h = conv2.forward(VaeOps.Swish(norm2.forward(h)));
+        var skip = nin_shortcut is null ? x : nin_shortcut.forward(x);
+        return (skip + h).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// Single-head spatial self-attention with 1×1-conv projections (official <c>AttnBlock</c> / <c>SDPAttnBlock</c>;
+/// both compute softmax(qᵀk/√C)·v over the H·W positions). We call scaled_dot_product_attention, which is what the
+/// official code runs by default on torch ≥ 2 (the fixtures used the vanilla bmm path; the two agree to rounding) and
+/// avoids materialising the (HW)² matrix when a memory-efficient kernel is available.
+/// </summary>
+public sealed class AttnBlock : nn.Module<Tensor, Tensor>
+{
+    readonly GroupNorm norm;
+    readonly Conv2d q, k, v, proj_out;
+
+    public AttnBlock(long channels) : base(nameof(AttnBlock))
+    {
+        norm = VaeOps.Normalize(channels);
+        q = nn.Conv2d(channels, channels, 1);
+        k = nn.Conv2d(channels, channels, 1);
+        v = nn.Conv2d(channels, channels, 1);
+        proj_out = nn.Conv2d(channels, channels, 1);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        var h = norm.forward(x);
+        long b = x.shape[0], c = x.shape[1], hh = x.shape[2], ww = x.shape[3];
+        // b c h w -> b 1 (h w) c : one head whose width is the channel count.
+        Tensor Tokens(Tensor t) => t.reshape(b, 1, c, hh * ww).transpose(2, 3);
+        var o = nn.functional.scaled_dot_product_attention(Tokens(q.forward(h)), Tokens(k.forward(h)), Tokens(v.forward(h)));
+        o = o.transpose(2, 3).reshape(b, c, hh, ww);
+        return (x + proj_out.forward(o)).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Stride-2 3×3 conv after padding ONE zero row/column at the bottom/right only (official <c>Downsample</c>).</summary>
+public sealed class Downsample : nn.Module<Tensor, Tensor>
+{
+    readonly Conv2d conv;
+
+    public Downsample(long channels) : base(nameof(Downsample))
+    {
+        conv = nn.Conv2d(channels, channels, 3, stride: 2, padding: 0L);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var padded = nn.functional.pad(x, new long[] { 0, 1, 0, 1 }, PaddingModes.Constant, 0);
+        return conv.forward(padded);
+    }
+}
+
+/// <summary>Nearest-neighbour ×2 then a 3×3 conv (official <c>Upsample</c>).</summary>
+public sealed class Upsample : nn.Module<Tensor, Tensor>
+{
+    readonly Conv2d conv;
+
+    public Upsample(long channels) : base(nameof(Upsample))
+    {
+        conv = nn.Conv2d(channels, channels, 3, stride: 1, padding: 1);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var up = nn.functional.interpolate(x, scale_factor: new[] { 2.0, 2.0 }, mode: InterpolationMode.Nearest);
+        return conv.forward(up);
+    }
+}
+
+/// <summary>One resolution level: <c>block</c> (ResnetBlocks), <c>attn</c> (empty for SD), and the resampler between levels.</summary>
+public sealed class VaeLevel : nn.Module
+{
+    internal readonly ModuleList<nn.Module<Tensor, Tensor>> block;
+    internal readonly ModuleList<nn.Module<Tensor, Tensor>> attn;
+    internal readonly Downsample? downsample;
+    internal readonly Upsample? upsample;
+
+    internal VaeLevel(IEnumerable<nn.Module<Tensor, Tensor>> blocks, IEnumerable<nn.Module<Tensor, Tensor>> attns, Downsample? down, Upsample? up)
+        : base(nameof(VaeLevel))
+    {
+        block = new ModuleList<nn.Module<Tensor, Tensor>>(blocks.ToArray());
+        attn = new ModuleList<nn.Module<Tensor, Tensor>>(attns.ToArray());
+        downsample = down;
+        upsample = up;
+        RegisterComponents();
+    }
+
+    /// <summary>The ResnetBlocks of this level, each followed by its attention when the level has one.</summary>
+    internal Tensor Blocks(Tensor h)
+    {
+        for (int i = 0; i < block.Count; i++)
+        {
+            var next = block[i].forward(h);
+            if (attn.Count > 0) { var a = attn[i].forward(next); next.Dispose(); next = a; }
+            h = next;
+        }
+        return h;
+    }
+}
+
+/// <summary>The bottleneck: ResnetBlock, self-attention, ResnetBlock (official <c>mid</c>; attn_1 exists even with no attn_resolutions).</summary>
+public sealed class VaeMiddle : nn.Module<Tensor, Tensor>
+{
+    readonly ResnetBlock block_1;
+    readonly AttnBlock attn_1;
+    readonly ResnetBlock block_2;
+
+    internal VaeMiddle(long channels) : base(nameof(VaeMiddle))
+    {
+        block_1 = new ResnetBlock(channels, channels);
+        attn_1 = new AttnBlock(channels);
+        block_2 = new ResnetBlock(channels, channels);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        return block_2.forward(attn_1.forward(block_1.forward(x))).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Image → 2·z_channels moments at 1/2^(levels−1) resolution (official <c>Encoder</c>).</summary>
+public sealed class VaeEncoder : nn.Module<Tensor, Tensor>
+{
+    readonly Conv2d conv_in;
+    readonly ModuleList<VaeLevel> down;
+    readonly VaeMiddle mid;
+    readonly GroupNorm norm_out;
+    readonly Conv2d conv_out;
+
+    public VaeEncoder(VaeDdConfig c) : base(nameof(VaeEncoder))
+    {
+        conv_in = nn.Conv2d(c.InChannels, c.Ch, 3, stride: 1, padding: 1);
+        var levels = new List<VaeLevel>();
+        long blockIn = c.Ch;
+        int res = c.Resolution;
+        for (int level = 0; level < c.ChMult.Length; level++)
+        {
+            long blockOut = (long)c.Ch * c.ChMult[level];
+            var blocks = new List<nn.Module<Tensor, Tensor>>();
+            var attns = new List<nn.Module<Tensor, Tensor>>();
+            for (int i = 0; i < c.NumResBlocks; i++)
+            {
+                blocks.Add(new ResnetBlock(blockIn, blockOut));
+                blockIn = blockOut;
+                if (c.AttnResolutions.Contains(res)) attns.Add(new AttnBlock(blockIn));
+            }
+            Downsample? ds = null;
+            if (level != c.ChMult.Length - 1) { ds = new Downsample(blockIn); res /= 2; }
+            levels.Add(new VaeLevel(blocks, attns, ds, null));
+        }
+        down = new ModuleList<VaeLevel>(levels.ToArray());
+        mid = new VaeMiddle(blockIn);
+        norm_out = VaeOps.Normalize(blockIn);
+        conv_out = nn.Conv2d(blockIn, c.DoubleZ ? 2L * c.ZChannels : c.ZChannels, 3, stride: 1, padding: 1);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = torch.NewDisposeScope();
+        var h = conv_in.forward(x);
+        foreach (var level in down)
+        {
+            h = level.Blocks(h);
+            if (level.downsample is not null) h = level.downsample.forward(h);
+        }
+        h = mid.forward(h);
+        return conv_out.forward(VaeOps.Swish(norm_out.forward(h))).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Latent → image (official <c>Decoder</c>): levels run from the deepest up, each with num_res_blocks+1 blocks.</summary>
+public sealed class VaeDecoder : nn.Module<Tensor, Tensor>
+{
+    readonly Conv2d conv_in;
+    readonly VaeMiddle mid;
+    /// <summary>Indexed by level (up.0 = full resolution), although the forward pass walks it in reverse.</summary>
+    readonly ModuleList<VaeLevel> up;
+    readonly GroupNorm norm_out;
+    readonly Conv2d conv_out;
+
+    public VaeDecoder(VaeDdConfig c) : base(nameof(VaeDecoder))
+    {
+        int n = c.ChMult.Length;
+        long blockIn = (long)c.Ch * c.ChMult[n - 1];
+        int res = c.Resolution >> (n - 1);
+        conv_in = nn.Conv2d(c.ZChannels, blockIn, 3, stride: 1, padding: 1);
+        mid = new VaeMiddle(blockIn);
+        var levels = new VaeLevel[n];
+        for (int level = n - 1; level >= 0; level--)
+        {
+            long blockOut = (long)c.Ch * c.ChMult[level];
+            var blocks = new List<nn.Module<Tensor, Tensor>>();
+            var attns = new List<nn.Module<Tensor, Tensor>>();
+            for (int i = 0; i < c.NumResBlocks + 1; i++)
+            {
+                blocks.Add(new ResnetBlock(blockIn, blockOut));
+                blockIn = blockOut;
+                if (c.AttnResolutions.Contains(res)) attns.Add(new AttnBlock(blockIn));
+            }
+            Upsample? us = null;
+            if (level != 0) { us = new Upsample(blockIn); res *= 2; }
+            levels[level] = new VaeLevel(blocks, attns, null, us);
+        }
+        up = new ModuleList<VaeLevel>(levels);
+        norm_out = VaeOps.Normalize(blockIn);
+        conv_out = nn.Conv2d(blockIn, c.OutCh, 3, stride: 1, padding: 1);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor z)
+    {
+        using var scope = torch.NewDisposeScope();
+        var h = mid.forward(conv_in.forward(z));
+        for (int level = up.Count - 1; level >= 0; level--)
+        {
+            h = up[level].Blocks(h);
+            if (up[level].upsample is not null) h = up[level].upsample!.forward(h);
+        }
+        return conv_out.forward(VaeOps.Swish(norm_out.forward(h))).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// The posterior q(z|x) = N(μ, σ²) of the KL autoencoder (official <c>DiagonalGaussianDistribution</c>): the moments
+/// are split in half along channels, and log σ² is clamped to [−30, 20] before σ is formed.
+/// </summary>
+public sealed class DiagonalGaussianDistribution : IDisposable
+{
+    public Tensor Mean { get; }
+    /// <summary>log σ², clamped to [−30, 20].</summary>
+    public Tensor LogVar { get; }
+    /// <summary>σ = exp(½ log σ²).</summary>
+    public Tensor Std { get; }
+    /// <summary>σ² = exp(log σ²).</summary>
+    public Tensor Var { get; }
+
+    public DiagonalGaussianDistribution(Tensor moments)
+    {
+        var parts = moments.chunk(2, dim: 1);
+        Mean = parts[0];
+        LogVar = parts[1].clamp(-30.0, 20.0);
+        parts[1].Dispose();
+        Std = torch.exp(0.5 * LogVar);
+        Var = torch.exp(LogVar);
+    }
+
+    /// <summary>μ (what DiffBIR uses for conditioning: <c>vae_encode(sample=False)</c>).</summary>
+    public Tensor Mode() => Mean.alias();
+
+    /// <summary>μ + σ·ε with the caller's standard-normal <paramref name="noise"/> (official draws torch.randn itself).</summary>
+    public Tensor Sample(Tensor noise) => Mean + Std * noise;
+
+    public void Dispose() { Mean.Dispose(); LogVar.Dispose(); Std.Dispose(); Var.Dispose(); }
+}
+
+/// <summary>
+/// The KL-regularised autoencoder of Stable Diffusion (official <c>diffbir.model.vae.AutoencoderKL</c>, ControlLDM's
+/// <c>vae</c>): x ∈ [−1, 1]^(3×H×W) ↔ z ∈ R^(4×H/8×W/8). State-dict keys equal the official ones
+/// (<c>encoder.*</c>, <c>decoder.*</c>, <c>quant_conv.*</c>, <c>post_quant_conv.*</c>).
+/// </summary>
+public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
+{
+    readonly VaeEncoder encoder;
+    readonly VaeDecoder decoder;
+    readonly Conv2d quant_conv;
+    readonly Conv2d post_quant_conv;
+
+    public VaeConfig Config { get; }
+
+    public AutoencoderKL(VaeConfig? config = null) : base(nameof(AutoencoderKL))
+    {
+        Config = config ?? VaeConfig.Sd21;
+        var dd = Config.DdConfig;
+        if (!dd.DoubleZ) throw new ArgumentException("AutoencoderKL needs ddconfig.double_z = true (the encoder outputs mean and log-variance)");
+        encoder = new VaeEncoder(dd);
+        decoder = new VaeDecoder(dd);
+        quant_conv = nn.Conv2d(2L * dd.ZChannels, 2L * Config.EmbedDim, 1);
+        post_quant_conv = nn.Conv2d(Config.EmbedDim, dd.ZChannels, 1);
+        RegisterComponents();
+    }
+
+    /// <summary>q(z|x) for images in [−1, 1] (official <c>encode</c>).</summary>
+    public DiagonalGaussianDistribution Encode(Tensor x)
+    {
+        Tensor moments;
+        using (torch.NewDisposeScope()) moments = quant_conv.forward(encoder.forward(x)).MoveToOuterDisposeScope();
+        using (moments) return new DiagonalGaussianDistribution(moments);
+    }
+
+    /// <summary>Image from an UNSCALED latent (official <c>decode</c>).</summary>
+    public Tensor Decode(Tensor z)
+    {
+        using var scope = torch.NewDisposeScope();
+        return decoder.forward(post_quant_conv.forward(z)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// The diffusion-space latent of an image: mode of q(z|x) times the latent scale (official
+    /// <c>ControlLDM.vae_encode(image, sample=False)</c>, which DiffBIR uses for the condition c_img).
+    /// </summary>
+    public Tensor EncodeScaled(Tensor x)
+    {
+        using var posterior = Encode(x);
+        return posterior.Mean * Config.LatentScaleFactor;
+    }
+
+    /// <summary>Image from a diffusion-space latent: decode(z / scale) (official <c>ControlLDM.vae_decode</c>).</summary>
+    public Tensor DecodeScaled(Tensor z)
+    {
+        using var unscaled = z / Config.LatentScaleFactor;
+        return Decode(unscaled);
+    }
+
+    /// <summary>Reconstruction through the posterior mode (official <c>forward(sample_posterior=False)</c>).</summary>
+    public override Tensor forward(Tensor x)
+    {
+        using var posterior = Encode(x);
+        return Decode(posterior.Mean);
+    }
+}
