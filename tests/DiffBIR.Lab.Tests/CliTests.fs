@@ -40,9 +40,14 @@ let ``weights inspect refuses hostile and broken checkpoints with a clear error`
 
 [<Fact>]
 let ``parity exits non-zero when a case is not implemented and zero when all pass`` () =
-    let code, out = run [ "parity"; fixture "vae.safetensors" ]
+    use dir = new TempDir()
+    let unknown = dir.File "future.safetensors"
+    DiffBIR.Lab.Checkpoints.SafeTensors.Save(unknown, System.Collections.Generic.Dictionary(dict [ "out.y", TorchSharp.torch.zeros(2L) ]),
+                                            System.Collections.Generic.Dictionary(dict [ "case", "a_case_nobody_implemented" ]))
+    let code, out = run [ "parity"; unknown ]
     code |> should equal 1
     out |> should haveSubstring "NOT IMPLEMENTED"
+    out |> should haveSubstring "a_case_nobody_implemented"
     let code2, out2 = run [ "parity"; fixture "diffusion_schedule.safetensors"; fixture "checkpoints/expected.json" ]
     code2 |> should equal 0
     out2 |> should haveSubstring "2 passed, 0 failed, 0 not implemented"
