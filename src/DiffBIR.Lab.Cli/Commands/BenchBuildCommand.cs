@@ -21,7 +21,7 @@ public sealed class BenchBuildSettings : CommandSettings
 }
 
 /// <summary>
-/// <c>diffbir-lab bench build</c>: builds the full-size networks on the CPU in float32 (real allocation and default
+/// <c>diffbir-lab bench build</c>: builds the full-size networks of ControlLDM (UNet, IRControlNet, VAE, CLIP text encoder) on the CPU in float32 (real allocation and default
 /// initialisation, not the meta device) and reports the time, parameter counts and process memory (RSS). A
 /// benchmark, not a test: it answers "does the model fit in this machine and how long does start-up take".
 /// </summary>
@@ -44,6 +44,15 @@ public sealed class BenchBuildCommand : Command<BenchBuildSettings>
         sw.Restart();
         using var controlnet = new ControlNet(UNetConfig.Sd21);
         rows.Add(new Row("controlnet (IRControlNet)", Count(controlnet), sw.Elapsed.TotalSeconds, Rss()));
+        ct.ThrowIfCancellationRequested();
+
+        // The rest of ControlLDM: the KL-f8 VAE and the OpenCLIP ViT-H text encoder.
+        sw.Restart();
+        using var vae = new DiffBIR.Lab.Models.Vae.AutoencoderKL(DiffBIR.Lab.Models.Vae.VaeConfig.Sd21);
+        rows.Add(new Row("vae (KL-f8)", Count(vae), sw.Elapsed.TotalSeconds, Rss()));
+        sw.Restart();
+        using var clip = new DiffBIR.Lab.Models.Clip.FrozenOpenClipEmbedder(DiffBIR.Lab.Models.Clip.ClipConfig.VitH14);
+        rows.Add(new Row("clip (OpenCLIP ViT-H text)", Count(clip), sw.Elapsed.TotalSeconds, Rss()));
 
         var table = new Table().Border(TableBorder.Simple).AddColumns("network", "parameters", "build s", "RSS after");
         foreach (var r in rows)

@@ -17,32 +17,6 @@ internal static class Stage1Case
         using var _ = no_grad();
         return model.forward(f.In("x"));
     }
-
-    /// <summary>
-    /// Full-size schema check: the module built on the meta device (nothing allocated) must have exactly the schema's
-    /// keys and shapes, and its state dict (parameters and persistent buffers) the released element count.
-    /// </summary>
-    public static IEnumerable<CaseOutput> Schema(Fixture f, string name, Func<nn.Module> build)
-    {
-        var schema = Checkpoints.Schema.Load(f.Path);
-        var loading = JsonNode.Parse(File.ReadAllText(Path.Combine(Path.GetDirectoryName(f.Path)!, "loading.json")))!;
-        long released = (long)loading["summary"]![name]!["numel"]!;
-        Dictionary<string, long[]> shapes;
-        set_default_device(device("meta"));
-        try
-        {
-            using var m = build();
-            shapes = m.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.shape);
-        }
-        finally { set_default_device(CPU); }
-        var report = schema.Compare(shapes);
-        long numel = shapes.Values.Sum(s => s.Aggregate(1L, (a, b) => a * b));
-        yield return new CaseOutput("missing keys", tensor((float)report.Missing.Count), Expected: tensor(0f));
-        yield return new CaseOutput("unexpected keys", tensor((float)report.Unexpected.Count), Expected: tensor(0f));
-        yield return new CaseOutput("shape mismatches", tensor((float)report.ShapeMismatches.Count), Expected: tensor(0f));
-        yield return new CaseOutput($"state_dict numel (released {released})", tensor((double)numel, ScalarType.Float64),
-            Expected: tensor((double)released, ScalarType.Float64));
-    }
 }
 
 /// <summary>bsrnet: the tiny RRDBNet (×4) on a 16×16 input.</summary>
@@ -91,28 +65,28 @@ public sealed class SCUNetCase : IParityCase
 }
 
 /// <summary>schema/bsrnet.json: the released BSRNet.pth keys and shapes.</summary>
-public sealed class BsrnetSchemaCase : IParityCase
+public sealed class BsrnetSchemaCase : SchemaCase
 {
-    public string Case => "schema_bsrnet";
-    public string Description => "full-size RRDBNet (configs/inference/bsrnet.yaml): keys, shapes, element count";
-    public Tolerance DefaultTolerance => new(0, 0);
-    public IEnumerable<CaseOutput> Run(Fixture f) => Stage1Case.Schema(f, "bsrnet", () => new RRDBNet(RRDBNetConfig.Full));
+    public override string Case => "schema_bsrnet";
+    public override string Description => "full-size RRDBNet (configs/inference/bsrnet.yaml): keys, shapes, element count";
+    protected override string SummaryKey => "bsrnet";
+    protected override nn.Module Build() => new RRDBNet(RRDBNetConfig.Full);
 }
 
 /// <summary>schema/swinir.json: the released SwinIR keys and shapes (with the persistent buffers).</summary>
-public sealed class SwinIRSchemaCase : IParityCase
+public sealed class SwinIRSchemaCase : SchemaCase
 {
-    public string Case => "schema_swinir";
-    public string Description => "full-size SwinIR (configs/inference/swinir.yaml): keys, shapes, element count";
-    public Tolerance DefaultTolerance => new(0, 0);
-    public IEnumerable<CaseOutput> Run(Fixture f) => Stage1Case.Schema(f, "swinir", () => new SwinIR(SwinIRConfig.Full));
+    public override string Case => "schema_swinir";
+    public override string Description => "full-size SwinIR (configs/inference/swinir.yaml): keys, shapes, element count";
+    protected override string SummaryKey => "swinir";
+    protected override nn.Module Build() => new SwinIR(SwinIRConfig.Full);
 }
 
 /// <summary>schema/scunet.json: the released scunet_color_real_psnr.pth keys and shapes.</summary>
-public sealed class SCUNetSchemaCase : IParityCase
+public sealed class SCUNetSchemaCase : SchemaCase
 {
-    public string Case => "schema_scunet";
-    public string Description => "full-size SCUNet (configs/inference/scunet.yaml): keys, shapes, element count";
-    public Tolerance DefaultTolerance => new(0, 0);
-    public IEnumerable<CaseOutput> Run(Fixture f) => Stage1Case.Schema(f, "scunet", () => new SCUNet(SCUNetConfig.Full));
+    public override string Case => "schema_scunet";
+    public override string Description => "full-size SCUNet (configs/inference/scunet.yaml): keys, shapes, element count";
+    protected override string SummaryKey => "scunet";
+    protected override nn.Module Build() => new SCUNet(SCUNetConfig.Full);
 }

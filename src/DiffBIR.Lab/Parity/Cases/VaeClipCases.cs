@@ -7,36 +7,6 @@ using static TorchSharp.torch;
 
 namespace DiffBIR.Lab.Parity.Cases;
 
-/// <summary>Schema comparisons shared by the full-size checks: keys and shapes must match exactly, and so must the value count.</summary>
-static class SchemaChecks
-{
-    /// <summary>Builds <paramref name="build"/> on the meta device (nothing is allocated) and compares it with schema/&lt;file&gt;.json.</summary>
-    public static IEnumerable<CaseOutput> Compare(Fixture fixture, Func<nn.Module> build, long officialValues)
-    {
-        var schema = Schema.Load(fixture.Path);
-        LoadReport report;
-        long ours;
-        torch.set_default_device(torch.device("meta"));
-        try
-        {
-            using var module = build();
-            report = schema.Compare(module);
-            ours = module.state_dict().Values.Sum(t => t.numel());
-        }
-        finally { torch.set_default_device(torch.CPU); }
-
-        CaseOutput Count(string name, long actual, long expected) =>
-            new(name, torch.tensor((double)actual), Expected: torch.tensor((double)expected), Tolerance: new(0, 0));
-        // A failing count names its first offending key in the output name, so the report says what is wrong.
-        static string First(IReadOnlyList<string> xs) => xs.Count == 0 ? "" : $" (first: {xs[0]})";
-        yield return Count("missing keys" + First(report.Missing), report.Missing.Count, 0);
-        yield return Count("unexpected keys" + First(report.Unexpected), report.Unexpected.Count, 0);
-        yield return Count("shape mismatches" + First(report.ShapeMismatches), report.ShapeMismatches.Count, 0);
-        yield return Count("values (schema)", ours, schema.NumElements);
-        yield return Count("values (schema/loading.json)", ours, officialValues);
-    }
-}
-
 /// <summary>vae: the KL autoencoder's posterior, the scaled latent DiffBIR conditions on, and both decodes.</summary>
 public sealed class VaeCase : IParityCase
 {
@@ -64,13 +34,12 @@ public sealed class VaeCase : IParityCase
 }
 
 /// <summary>schema/vae.json: the full-size SD 2.1 VAE (configs/inference/cldm.yaml vae_cfg) has exactly the official keys and shapes.</summary>
-public sealed class VaeSchemaCase : IParityCase
+public sealed class VaeSchemaCase : SchemaCase
 {
-    public string Case => "schema_vae";
-    public string Description => "full-size AutoencoderKL state_dict keys and shapes (cldm.yaml vae_cfg), built on the meta device";
-    public Tolerance DefaultTolerance => new(0, 0);
-
-    public IEnumerable<CaseOutput> Run(Fixture f) => SchemaChecks.Compare(f, () => new AutoencoderKL(VaeConfig.Sd21), 83_653_863);
+    public override string Case => "schema_vae";
+    public override string Description => "full-size AutoencoderKL state_dict keys and shapes (cldm.yaml vae_cfg), built on the meta device";
+    protected override string SummaryKey => "vae";
+    protected override nn.Module Build() => new AutoencoderKL(VaeConfig.Sd21);
 }
 
 /// <summary>
@@ -103,13 +72,12 @@ public sealed class ClipCase : IParityCase
 }
 
 /// <summary>schema/clip.json: the full-size ViT-H-14 text encoder (cldm.yaml clip_cfg) has exactly the official keys and shapes.</summary>
-public sealed class ClipSchemaCase : IParityCase
+public sealed class ClipSchemaCase : SchemaCase
 {
-    public string Case => "schema_clip";
-    public string Description => "full-size FrozenOpenCLIPEmbedder state_dict keys and shapes (cldm.yaml clip_cfg), built on the meta device";
-    public Tolerance DefaultTolerance => new(0, 0);
-
-    public IEnumerable<CaseOutput> Run(Fixture f) => SchemaChecks.Compare(f, () => new FrozenOpenClipEmbedder(ClipConfig.VitH14), 354_032_641);
+    public override string Case => "schema_clip";
+    public override string Description => "full-size FrozenOpenCLIPEmbedder state_dict keys and shapes (cldm.yaml clip_cfg), built on the meta device";
+    protected override string SummaryKey => "clip";
+    protected override nn.Module Build() => new FrozenOpenClipEmbedder(ClipConfig.VitH14);
 }
 
 /// <summary>
