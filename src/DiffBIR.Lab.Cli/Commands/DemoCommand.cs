@@ -50,7 +50,7 @@ public sealed class DemoCommand : Command<DemoSettings>
         // 2. Image I/O: a synthetic test card through PNG (exact) and JPEG (lossy) and back.
         Directory.CreateDirectory(s.Output);
         using var scope = torch.NewDisposeScope();
-        var card = TestCard(96, 128);
+        var card = TestImages.Card(96, 128);
         var png = Path.Combine(s.Output, "testcard.png");
         var jpg = Path.Combine(s.Output, "testcard.jpg");
         ImageIO.Save(png, card);
@@ -85,16 +85,5 @@ public sealed class DemoCommand : Command<DemoSettings>
         AnsiConsole.MarkupLine($"\nwrote {Markup.Escape(png)}, {Markup.Escape(jpg)}, {Markup.Escape(manifestPath)} in {sw.Elapsed.TotalSeconds:F1}s");
         bool anyFailed = reports.Any(r => r.Status is CaseStatus.Fail or CaseStatus.Error) || pngErr != 0;
         return anyFailed ? 1 : 0;
-    }
-
-    /// <summary>A deterministic colour test card in [0,1]: gradients, rings and a checkerboard.</summary>
-    static Tensor TestCard(int h, int w)
-    {
-        var y = torch.linspace(0, 1, h).view(h, 1).expand(h, w);
-        var x = torch.linspace(0, 1, w).view(1, w).expand(h, w);
-        var r = ((x - 0.5).pow(2) + (y - 0.5).pow(2)).sqrt();
-        var rings = (r * 40).sin() * 0.5 + 0.5;
-        var checker = ((x * 8).floor() + (y * 6).floor()).remainder(2);
-        return torch.stack(new[] { x, rings, 0.7 * y + 0.3 * checker }).unsqueeze(0).contiguous();
     }
 }
