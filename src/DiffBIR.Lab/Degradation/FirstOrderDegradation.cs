@@ -1,4 +1,5 @@
 using System.Numerics;
+using System.Runtime.InteropServices;
 using SixLabors.ImageSharp;
 using SixLabors.ImageSharp.Formats.Jpeg;
 using SixLabors.ImageSharp.PixelFormats;
@@ -234,22 +235,33 @@ public sealed record FirstOrderDegradation
                 for (int j = 0; j < wp; j++) padded[i * wp + j] = src[srow + colIdx[j]];
             }
             var acc = new double[w];
-            var accSpan = acc.AsSpan();
-            int vw = Vector<double>.Count;
-            for (int i = 0; i < k; i++)
-            for (int j = 0; j < k; j++)
+            // Blocks of 4 SIMD vectors along the row stay in registers while all K² taps accumulate into them.
+            int vw = Vector<double>.Count, block = 4 * vw, x = 0;
+            ref double pad0 = ref MemoryMarshal.GetArrayDataReference(padded);
+            for (; x + block <= w; x += block)
             {
-                double kij = kern[i * k + j];
-                if (kij == 0) continue;
-                var row = padded.AsSpan(i * wp + j, w);
-                var kv = new Vector<double>(kij);
-                int x = 0;
-                for (; x <= w - vw; x += vw)
+                Vector<double> a0 = default, a1 = default, a2 = default, a3 = default;
+                for (int i = 0; i < k; i++)
+                for (int j = 0; j < k; j++)
                 {
-                    var a = new Vector<double>(accSpan.Slice(x, vw));
-                    (a + kv * new Vector<double>(row.Slice(x, vw))).CopyTo(accSpan.Slice(x, vw));
+                    double kij = kern[i * k + j];
+                    if (kij == 0) continue;
+                    var kv = new Vector<double>(kij);
+                    nuint o = (nuint)(i * wp + j + x);
+                    a0 += kv * Vector.LoadUnsafe(ref pad0, o);
+                    a1 += kv * Vector.LoadUnsafe(ref pad0, o + (nuint)vw);
+                    a2 += kv * Vector.LoadUnsafe(ref pad0, o + (nuint)(2 * vw));
+                    a3 += kv * Vector.LoadUnsafe(ref pad0, o + (nuint)(3 * vw));
                 }
-                for (; x < w; x++) acc[x] += kij * row[x];
+                a0.CopyTo(acc, x); a1.CopyTo(acc, x + vw); a2.CopyTo(acc, x + 2 * vw); a3.CopyTo(acc, x + 3 * vw);
+            }
+            for (; x < w; x++)
+            {
+                double sum = 0;
+                for (int i = 0; i < k; i++)
+                for (int j = 0; j < k; j++)
+                    sum += kern[i * k + j] * padded[i * wp + j + x];
+                acc[x] = sum;
             }
             Array.Copy(acc, 0, dst, ch * h * w + y * w, w);
         });
