@@ -27,6 +27,10 @@ public enum BlurKernelType
 }
 
 /// <summary>A kernel drawn by <see cref="BlurKernels.RandomMixed"/> and the parameters that produced it.</summary>
+/// <param name="Type">the kernel family drawn from kernel_list</param>
+/// <param name="SigmaX">σx (the σ of isotropic kernels)</param>
+/// <param name="SigmaY">σy (= σx for isotropic kernels)</param>
+/// <param name="Rotation">θ in radians (0 for isotropic kernels)</param>
 /// <param name="Beta">the shape β of generalized / plateau kernels; null for Gaussians</param>
 /// <param name="Kernel">float64 [K,K], sums to 1</param>
 public sealed record BlurKernelDraw(BlurKernelType Type, double SigmaX, double SigmaY, double Rotation, double? Beta, Tensor Kernel)
@@ -85,6 +89,8 @@ public static class BlurKernels
     /// that is larger than <paramref name="kernelSize"/>.
     /// </summary>
     /// <param name="cutoff">ω_c in radians (π is the Nyquist frequency)</param>
+    /// <param name="kernelSize">K, odd</param>
+    /// <param name="padTo">final size (odd) when larger than K; 0 = no padding</param>
     public static Tensor CircularLowpass(double cutoff, int kernelSize, int padTo = 0)
     {
         RequireOdd(kernelSize);
@@ -116,6 +122,15 @@ public static class BlurKernels
     /// types; β for generalized/plateau) uniformly from their ranges, in the official order. The Gaussian branches
     /// normalise a second time after the (optional) multiplicative noise, as random_bivariate_Gaussian does.
     /// </summary>
+    /// <param name="kernelList">the candidate types (kernel_list)</param>
+    /// <param name="kernelProb">their weights (kernel_prob)</param>
+    /// <param name="rng">the random source (seeded, or scripted to replay official draws)</param>
+    /// <param name="kernelSize">K, odd</param>
+    /// <param name="sigmaXRange">σx range; official default [0.6, 5]</param>
+    /// <param name="sigmaYRange">σy range; official default [0.6, 5]</param>
+    /// <param name="rotationRange">θ range; official default [−π, π]</param>
+    /// <param name="betaGRange">β range of generalized Gaussians; official default [0.5, 8]</param>
+    /// <param name="betaPRange">β range of plateau kernels; official default [0.5, 8]</param>
     /// <param name="noiseRange">multiplicative kernel noise (not used by the plateau types, as officially); null = none</param>
     public static BlurKernelDraw RandomMixed(
         IReadOnlyList<BlurKernelType> kernelList, IReadOnlyList<double> kernelProb, IDegradationRandom rng,

@@ -13,6 +13,7 @@ namespace DiffBIR.Lab.Degradation;
 /// <param name="Blur">kernel type, σx, σy, θ and the float64 kernel</param>
 /// <param name="Scale">the downsampling factor r drawn from the range</param>
 /// <param name="SmallHeight">⌊H / r⌋ (Python's float floor division)</param>
+/// <param name="SmallWidth">⌊W / r⌋</param>
 /// <param name="NoiseSigma">δ on the 0..255 scale; null when noise is off</param>
 /// <param name="JpegQuality">q = int(uniform(30, 100)); null when JPEG is off</param>
 public sealed record FirstOrderParameters(BlurKernelDraw Blur, double Scale, int SmallHeight, int SmallWidth, double? NoiseSigma, int? JpegQuality)
@@ -26,6 +27,7 @@ public sealed record FirstOrderParameters(BlurKernelDraw Blur, double Scale, int
 /// <param name="Lq">the LQ image at the input size (official <c>lq</c>; not clipped when noise and JPEG are off)</param>
 /// <param name="Blurred">the input correlated with the kernel</param>
 /// <param name="Small">the blurred image resized to ⌊H/r⌋×⌊W/r⌋ (before noise and JPEG)</param>
+/// <param name="Parameters">what was drawn</param>
 public sealed record DegradedImage(Tensor Lq, Tensor Blurred, Tensor Small, FirstOrderParameters Parameters) : IDisposable
 {
     public void Dispose()
@@ -112,6 +114,7 @@ public sealed record FirstOrderDegradation
     /// BORDER_REFLECT_101 (…cb|abcd|cb…), each channel alone, as a direct float64 sum. OpenCV itself switches to a
     /// DFT for kernels of ≥ 130 taps (so the official 41×41 result differs from this by ~5e−8).
     /// </summary>
+    /// <param name="image">[3,H,W] or [1,3,H,W]</param>
     /// <param name="kernel">[K,K], K odd</param>
     public static Tensor Filter2D(Tensor image, Tensor kernel)
     {
@@ -149,7 +152,9 @@ public sealed record FirstOrderDegradation
     /// [0, 1] — so even δ = 0 clips. The normals are taken in numpy's layout (H, W, BGR channels) from
     /// <paramref name="rng"/>, so a source replaying numpy's draws gives the official noise.
     /// </summary>
+    /// <param name="image">[3,H,W] or [1,3,H,W] in [0, 1]</param>
     /// <param name="sigma">δ on the 0..255 scale</param>
+    /// <param name="rng">supplies h·w·3 standard normals</param>
     public static Tensor AddGaussianNoise(Tensor image, double sigma, IDegradationRandom rng)
     {
         var (batched, dtype) = CheckImage(image, nameof(image));
