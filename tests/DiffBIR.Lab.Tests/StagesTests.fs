@@ -81,6 +81,33 @@ let ``a ten-line F# loop of restore, encode, sample-step, guide and decode gives
     image.shape |> should equal [| 1L; 3L; 64L; 64L |]
     state.Dispose()
 
+/// A deterministic stand-in network: ε = 0.1·x + 0.01·(t/1000)·c_img.
+let private toy =
+    { new IDenoiser with
+        member _.Forward(x, t, c) = x * 0.1 + c.CImage * (t.to_type(torch.float32).view(-1L, 1L, 1L, 1L) / 1000.0) * 0.01 }
+
+[<Theory>]
+[<InlineData("spaced")>]
+[<InlineData("ddim")>]
+[<InlineData("dpm++_m2")>]
+[<InlineData("edm_heun")>]
+[<InlineData("edm_dpm++_3m_sde")>]
+let ``Predict, guide and Step by hand equal the built-in loop for every sampler, inside and outside the guidance window`` (name: string) =
+    let cond = Conditioning(torch.zeros(1L, 77L, 8L), torch.ones(1L, 4L, 8L, 8L))
+    let neg = Conditioning(torch.ones(1L, 77L, 8L), torch.ones(1L, 4L, 8L, 8L))
+    let stepper = SampleStep(Samplers.Create(name, NoiseSchedule.V2, SamplerOptions(CfgScale = 3.0)), toy, cond, neg)
+    let guide = Guide(MseGuidance(Scale = 0.002, Space = GuidanceSpace.Latent, TStart = 700, TStop = 200), torch.zeros(1L, 4L, 8L, 8L))
+    let xT = (new SeededNoise(51L)).Next(torch.zeros(1L, 4L, 8L, 8L))
+    let mutable state = stepper.Start(xT, 6, new SeededNoise(52L))
+    while not state.IsDone do
+        use _ = torch.NewDisposeScope()
+        let p = stepper.Predict state
+        state <- stepper.Step(state, p, (guide.Apply p).X0)
+    use s2 = stepper.Start(xT, 6, new SeededNoise(52L))
+    let builtIn = stepper.Run(s2, guide)
+    (state.Latent.equal(builtIn).all().item<bool>()) |> should be True
+    state.Dispose()
+
 // ---------------------------------------------------------------- tiling with guidance
 
 [<Fact>]

@@ -123,6 +123,9 @@ public sealed class SampleStep
         var req = state.Current;
         if (!ReferenceEquals(req, prediction.Request))
             throw new ArgumentException("the prediction was not made at this state (call Predict on the same state first)", nameof(prediction));
+        // A guide that left x̂₀ alone hands back the prediction's own tensor: pass the model output unchanged then, so
+        // that samplers which step with ε (not x̂₀) see no ε → x̂₀ → ε round trip.
+        if (ReferenceEquals(guidedX0, prediction.PredictedX0)) guidedX0 = null;
         state.Run.Step(prediction.Output, guidedX0);
         // The solver's further evaluations of the same step (Heun's corrector, …): answered with the plain network.
         while (!state.Run.IsDone && !state.Run.Request!.IsMain)
