@@ -154,6 +154,21 @@ let ``a latent no larger than one tile goes to the network whole; a latent small
     calls.Count |> should equal 6
     (blended - 0.5).abs().max().item<float32>() |> float |> should be (lessThan 1e-6)
 
+[<Theory>]
+[<InlineData("spaced")>]
+[<InlineData("ddim")>]
+[<InlineData("dpm++_m2")>]
+[<InlineData("edm_dpm++_2m_sde")>]
+let ``tiling wraps the network, so every sampler and CFG batching uses it: a pixel-wise network samples the same tiled and whole`` (name: string) =
+    let cImg = torch.linspace(-1.0, 1.0, 4L * 14L * 12L).reshape(1L, 4L, 14L, 12L)
+    let cond, neg = Conditioning(torch.zeros(1L, 77L, 8L), cImg), Conditioning(torch.ones(1L, 77L, 8L), cImg * 0.5)
+    let sample (net: IDenoiser) =
+        let xT = (new SeededNoise(61L)).Next(torch.zeros(1L, 4L, 14L, 12L))
+        SamplingLoop.Sample(name, NoiseSchedule.V2, SamplerOptions(CfgScale = 3.0), CfgDenoiser(net, cond, neg), xT, 4, new SeededNoise(62L))
+    let whole, tiled = sample toy, sample (TiledDenoiser(toy, 8, 4))
+    let rel = (whole - tiled).abs().max().item<float32>() / whole.abs().max().item<float32>()
+    float rel |> should be (lessThan 1e-5)
+
 // ---------------------------------------------------------------- observer and cancellation
 
 [<Fact>]

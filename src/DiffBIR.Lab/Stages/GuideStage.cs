@@ -15,11 +15,13 @@ namespace DiffBIR.Lab.Stages;
 /// one the posterior mode is used.
 /// <para>With tiled noise prediction (<see cref="Sampling.TiledDenoiser"/>) the official code refuses guidance. Here
 /// guidance is defined on the whole blended x̂₀: after each tiled prediction the full-size x̂₀ is guided as one image
-/// (rgb space decodes the whole latent, or whatever <paramref name="decoder"/> does, e.g. a tiled decoder). The
+/// (rgb space decodes the whole latent, or whatever the decoder given to <see cref="For"/> does, e.g. a tiled decoder). The
 /// loss is the same Σ_n mean_CHW of the untiled case.</para>
 /// </summary>
 public static class GuideStage
 {
+    /// <summary>The guide toward <paramref name="restored"/> (I_RM in [0, 1]); <paramref name="noise"/> feeds the
+    /// latent-space target encoding, <paramref name="decoder"/> replaces the whole-image VAE decoder (rgb space).</summary>
     public static Guide For(ControlLDM model, RestorationGuidance guidance, Tensor restored, INoiseSource? noise = null,
                             Func<Tensor, Tensor>? decoder = null)
     {
