@@ -1,0 +1,118 @@
+/// End-to-end restoration: the official pipelines (HEAD and v2.0.0) against their fixtures, the presets, and the
+/// rules by which tiling switches itself off.
+module DiffBIR.Lab.Tests.E2ETests
+
+open System
+open System.Diagnostics
+open System.IO
+open Xunit
+open FsUnit.Xunit
+open TorchSharp
+open DiffBIR.Lab.Pipeline
+open DiffBIR.Lab.Tests.TestSupport
+
+/// A 32×32 test image with structure (gradients and a square), uint8 [1, 32, 32, 3].
+let private testImage () =
+    let y = torch.arange(32L).to_type(torch.ScalarType.Float32).view(32L, 1L).expand(32L, 32L)
+    let x = torch.arange(32L).to_type(torch.ScalarType.Float32).view(1L, 32L).expand(32L, 32L)
+    let square = ((y.gt(torch.tensor 8.0f)).logical_and(y.lt(torch.tensor 20.0f)).logical_and(x.gt(torch.tensor 10.0f)).logical_and(x.lt(torch.tensor 24.0f))).to_type(torch.ScalarType.Float32)
+    torch.stack([| y * 8.0f; x * 8.0f; square * 255.0f |], 2).clamp(0.0, 255.0).to_type(torch.ScalarType.Byte).unsqueeze(0L)
+
+/// The tiny preset for a task; its only file is the BPE vocabulary, taken from the fixtures folder.
+let private tiny task = Presets.Build("tiny", task, fixturesDir)
+
+/// BSRNetPipeline.run, untiled and with every tiling on (tiled BSRNet, tiled VAE encoder/decoder with shared
+/// GroupNorm statistics, latent tiles), replaying the recorded noise: stage1, c_txt, uc_txt, c_img, z, decoded, image.
+[<Fact>]
+let ``the v2 BSR pipeline reproduces the official run end to end, untiled and tiled`` () =
+    let sw = Stopwatch.StartNew()
+    let report = assertParity "e2e_bsr_v2.safetensors"
+    for o in report.Outputs do printfn "%s max_abs=%g max_rel=%g" o.Name o.MaxAbs o.MaxRel
+    printfn "e2e_bsr_v2: %.1f s" sw.Elapsed.TotalSeconds
+
+/// The paper version (v2.0.0 utils/helpers.py): stage 2 with better start, rgb / latent guidance and tiles, and the
+/// full run at 512 px with BSRNet and with SwinIR + guidance.
+[<Fact>]
+let ``the paper-version pipelines reproduce the official v2.0.0 runs`` () =
+    let sw = Stopwatch.StartNew()
+    let report = assertParity (Path.Combine("v2.0.0", "pipeline.safetensors"))
+    let worst = report.Outputs |> Seq.maxBy (fun o -> o.MaxRel)
+    printfn "v2_pipeline: %d outputs, worst %s max_rel=%g, %.1f s" report.Outputs.Count worst.Name worst.MaxRel sw.Elapsed.TotalSeconds
+
+[<Fact>]
+let ``the tiny preset restores a 32×32 image end to end, deterministically for a seed, marked as not a trained model`` () =
+    use p = tiny "sr"
+    use lq = testImage ()
+    let o = { p.Preset.Defaults with Seed = 7L }
+    let sw = Stopwatch.StartNew()
+    use a = p.Restore(lq, o)
+    printfn "tiny restore: %.1f s" sw.Elapsed.TotalSeconds
+    use b = p.Restore(lq, o)
+    a.NotATrainedModel |> should be True
+    a.Image.shape |> should equal [| 1L; 128L; 128L; 3L |]
+    a.Image.dtype |> should equal torch.ScalarType.Byte
+    a.Stage1.shape |> should equal [| 1L; 3L; 512L; 512L |]
+    a.Image.equal(b.Image).all().item<bool>() |> should be True
+    use c = p.Restore(lq, { o with Seed = 8L })
+    c.Z.equal(a.Z).all().item<bool>() |> should be False
+
+[<Fact>]
+let ``every preset names its checkpoints, schedule and cleaner per task`` () =
+    Presets.V2.Cleaners.[RestorationTask.Sr].Kind |> should equal CleanerKind.BSRNet
+    Presets.V2.Cleaners.[RestorationTask.Denoise].Kind |> should equal CleanerKind.SCUNet
+    Presets.V2_1.Schedule.ZeroTerminalSnr |> should be True
+    Presets.V2_1.Parameterization |> should equal DiffBIR.Lab.Diffusion.Parameterization.V
+    Presets.V1.ControlNetIds.[RestorationTask.Face] |> should equal "v1_face"
+    Presets.V2.PreUpscale RestorationTask.Sr |> should be False
+    Presets.V2_1.PreUpscale RestorationTask.Sr |> should be True
+    for p in Presets.All do
+        p.Defaults.Sampler |> should equal "edm_dpm++_3m_sde"
+        p.Defaults.CfgScale |> should equal 6.0
+    // the manifest knows every checkpoint id the official presets name
+    let m = DiffBIR.Lab.Weights.WeightsManifest.Load(Path.Combine(repoRoot, "weights", "manifest.json"))
+    for p in [ Presets.V1; Presets.V2; Presets.V2_1 ] do
+        for t in [ RestorationTask.Sr; RestorationTask.Face; RestorationTask.Denoise ] do
+            m.[p.SdCheckpointId].File |> should not' (be EmptyString)
+            m.[p.ControlNetIds.[t]].File |> should not' (be EmptyString)
+            m.[p.Cleaners.[t].CheckpointId].File |> should not' (be EmptyString)
+
+[<Fact>]
+let ``missing weights raise an error naming every file and the fetch command`` () =
+    use dir = new TempDir()
+    let ex = Assert.Throws<MissingWeightsException>(fun () -> Presets.Build("v2", "sr", dir.Path) |> ignore)
+    for f in [ "v2-1_512-ema-pruned.ckpt"; "v2.pth"; "BSRNet.pth"; "bpe_simple_vocab_16e6.txt.gz" ] do
+        ex.Message |> should haveSubstring f
+        ex.MissingFiles |> should contain f
+    ex.Message |> should haveSubstring "diffbir-lab weights fetch v2"
+    let ex21 = Assert.Throws<MissingWeightsException>(fun () -> Presets.Build("v2.1", "face", dir.Path) |> ignore)
+    ex21.Message |> should haveSubstring "face_swinir_v1.ckpt"
+    ex21.Message |> should haveSubstring "diffbir-lab weights fetch v2.1"
+
+/// The official code prints "the input size is tiny and unnecessary to tile" and runs untiled when the input is
+/// smaller than a tile: the result must then be identical to the untiled run.
+[<Fact>]
+let ``tiling switches itself off when the input is smaller than a tile`` () =
+    use p = tiny "sr"
+    use lq = testImage ()
+    let o = { p.Preset.Defaults with Seed = 3L }
+    use plain = p.Restore(lq, o)
+    let tiled =
+        { o with CleanerTiled = true; CleanerTileSize = 64; VaeEncoderTiled = true; VaeEncoderTileSize = 1024
+                 VaeDecoderTiled = true; VaeDecoderTileSize = 1024; CldmTiled = true; CldmTileSize = 1024; CldmTileStride = 512 }
+    use t = p.Restore(lq, tiled)
+    t.Notes |> Seq.length |> should equal 4
+    t.Notes |> Seq.iter (fun n -> n |> should haveSubstring "unnecessary to tile")
+    t.Image.equal(plain.Image).all().item<bool>() |> should be True
+    // the tiled VAE's own rule: no tiles when max(H, W) ≤ 2·pad + tile
+    let vae = new DiffBIR.Lab.Models.Vae.TiledVae(p.Pipeline.Cldm.vae, false, 256)
+    vae.WillTile(320L, 320L) |> should be False
+    vae.WillTile(320L, 328L) |> should be True
+
+[<Fact>]
+let ``Pillow's bicubic pre-upscale keeps flat images flat and has the loop's size`` () =
+    use flat = torch.full([| 1L; 5L; 7L; 3L |], 77, dtype = torch.ScalarType.Byte)
+    use up = PilResize.Upscale(flat, 4.0)
+    up.shape |> should equal [| 1L; 20L; 28L; 3L |]
+    up.eq(torch.tensor(77uy)).all().item<bool>() |> should be True
+    use same = PilResize.Resize(flat, 5, 7)
+    same.equal(flat).all().item<bool>() |> should be True
