@@ -28,6 +28,12 @@ public abstract class Cleaner : IDisposable
 
     protected Cleaner(nn.Module<Tensor, Tensor> network) { Network = network; network.eval(); }
 
+    /// <summary>
+    /// The smallest short edge of the condition image: 512 in the official code (SD 2.1 base works at 512 px; the
+    /// pipeline asserts it). Only the tiny preset lowers it, so that random-weight smoke runs stay small.
+    /// </summary>
+    public int ConditionShortEdge { get; init; } = 512;
+
     /// <summary>The size of the final image for an input of h × w (official <c>set_output_size</c>).</summary>
     public virtual (long H, long W) OutputSize(long h, long w) => (h, w);
 
@@ -62,7 +68,7 @@ public sealed class BSRNetCleaner : Cleaner
             ? Tiling.Apply(lq, (t, _) => Network.forward(t), tileSize, tileStride, scale: 4)
             : Network.forward(lq);
         var (oh, ow) = OutputSize(lq.shape[2], lq.shape[3]);
-        var output = Math.Min(oh, ow) < 512 ? ImageOps.ResizeShortEdgeTo(x4, 512) : ImageOps.ResizeBicubic(x4, oh, ow);
+        var output = Math.Min(oh, ow) < ConditionShortEdge ? ImageOps.ResizeShortEdgeTo(x4, ConditionShortEdge) : ImageOps.ResizeBicubic(x4, oh, ow);
         return output.MoveToOuterDisposeScope();
     }
 }
@@ -85,14 +91,14 @@ public sealed class SwinIRCleaner : Cleaner
         Tensor output;
         if (!tile)
         {
-            if (Math.Min(lq.shape[2], lq.shape[3]) < 512) lq = ImageOps.ResizeShortEdgeTo(lq, 512);
+            if (Math.Min(lq.shape[2], lq.shape[3]) < ConditionShortEdge) lq = ImageOps.ResizeShortEdgeTo(lq, ConditionShortEdge);
             long h0 = lq.shape[2], w0 = lq.shape[3];
             output = Network.forward(ImageOps.PadToMultiplesOf(lq, 64))[.., .., ..(int)h0, ..(int)w0];
         }
         else
         {
             output = Tiling.Apply(lq, (t, _) => Network.forward(t), tileSize, tileStride);
-            if (Math.Min(output.shape[2], output.shape[3]) < 512) output = ImageOps.ResizeShortEdgeTo(output, 512);
+            if (Math.Min(output.shape[2], output.shape[3]) < ConditionShortEdge) output = ImageOps.ResizeShortEdgeTo(output, ConditionShortEdge);
         }
         return output.MoveToOuterDisposeScope();
     }
@@ -110,7 +116,7 @@ public sealed class SCUNetCleaner : Cleaner
         var output = TilingApplies(lq, tiled, tileSize)
             ? Tiling.Apply(lq, (t, _) => Network.forward(t), tileSize, tileStride)
             : Network.forward(lq);
-        if (Math.Min(output.shape[2], output.shape[3]) < 512) output = ImageOps.ResizeShortEdgeTo(output, 512);
+        if (Math.Min(output.shape[2], output.shape[3]) < ConditionShortEdge) output = ImageOps.ResizeShortEdgeTo(output, ConditionShortEdge);
         return output.MoveToOuterDisposeScope();
     }
 }

@@ -134,7 +134,8 @@ public static class Presets
         PerTask(new CleanerChoice(CleanerKind.SwinIR, "custom"), new CleanerChoice(CleanerKind.SwinIR, "custom"), new CleanerChoice(CleanerKind.SwinIR, "custom")),
         InferenceDefaults);
 
-    /// <summary>Fixture-sized networks with seeded random weights; few steps so a restore takes seconds on a CPU.</summary>
+    /// <summary>Fixture-sized networks with seeded random weights; 2 steps and a 128-px condition (official 512) so a
+    /// restore takes seconds on a CPU. Its images are noise: results carry NotATrainedModel.</summary>
     public static PresetSpec Tiny { get; } = new("tiny", NoiseSchedule.V2, null,
         PerTask("random", "random", "random"),
         PerTask(new CleanerChoice(CleanerKind.BSRNet, "random"), new CleanerChoice(CleanerKind.SwinIR, "random"), new CleanerChoice(CleanerKind.SCUNet, "random")),
@@ -232,14 +233,20 @@ public static class Presets
         return new RestorationPipeline(cleaner, cldm, c.Schedule ?? preset.Schedule);
     }
 
+    /// <summary>Short edge of the tiny preset's condition image (official: 512). Lowered so a random-weight smoke run
+    /// of a 32×32 input works at 128 px and takes seconds; everything else is the official flow.</summary>
+    public const int TinyConditionShortEdge = 128;
+
     static Cleaner MakeCleaner(CleanerKind kind, double upscale, bool? tiny) => kind switch
     {
-        CleanerKind.BSRNet => new BSRNetCleaner(new RRDBNet(tiny == true ? new RRDBNetConfig(Nf: 16, Nb: 2, Gc: 8) : RRDBNetConfig.Full), upscale),
+        CleanerKind.BSRNet => new BSRNetCleaner(new RRDBNet(tiny == true ? new RRDBNetConfig(Nf: 16, Nb: 2, Gc: 8) : RRDBNetConfig.Full), upscale)
+            { ConditionShortEdge = tiny == true ? TinyConditionShortEdge : 512 },
         CleanerKind.SwinIR => new SwinIRCleaner(new SwinIR(tiny == true
             ? new SwinIRConfig(ImgSize: 64, EmbedDim: 16, Depths: new[] { 2, 2 }, NumHeads: new[] { 2, 2 }, WindowSize: 8, MlpRatio: 2, Sf: 8,
                 Upsampler: "nearest+conv", Unshuffle: true, UnshuffleScale: 8)
-            : SwinIRConfig.Full)),
-        _ => new SCUNetCleaner(new SCUNet(tiny == true ? new SCUNetConfig(Blocks: new[] { 2, 2, 0, 0, 0, 2, 2 }, Dim: 64) : SCUNetConfig.Full)),
+            : SwinIRConfig.Full)) { ConditionShortEdge = tiny == true ? TinyConditionShortEdge : 512 },
+        _ => new SCUNetCleaner(new SCUNet(tiny == true ? new SCUNetConfig(Blocks: new[] { 2, 2, 0, 0, 0, 2, 2 }, Dim: 64) : SCUNetConfig.Full))
+            { ConditionShortEdge = tiny == true ? TinyConditionShortEdge : 512 },
     };
 
     static RestorationPipeline BuildTiny(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions o)

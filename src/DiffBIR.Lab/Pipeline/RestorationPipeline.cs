@@ -127,9 +127,10 @@ public sealed class RestorationPipeline : IDisposable
             Note($"[{Cleaner.Kind}]: the input size is tiny and unnecessary to tile.");
         var condImg = Cleaner.Apply(lq, o.CleanerTiled, o.CleanerTileSize, o.CleanerTileStride);
         Emit("stage1", condImg);
-        if (condImg.shape[2] < 512 || condImg.shape[3] < 512)
+        int min = Cleaner.ConditionShortEdge;
+        if (condImg.shape[2] < min || condImg.shape[3] < min)
             throw new InvalidOperationException(
-                $"the stage-1 output is {condImg.shape[2]}×{condImg.shape[3]}; it must be at least 512 on both sides, since it is the condition of the stage-2 model");
+                $"the stage-1 output is {condImg.shape[2]}×{condImg.shape[3]}; it must be at least {min} on both sides, since it is the condition of the stage-2 model");
         var c = ApplyCldm(condImg, o);
         var image = ImageOps.Finish(c.Sample, condImg, oh, ow);
         Emit("image", image);
