@@ -58,6 +58,35 @@ let ``the tiny preset restores a 32×32 image end to end, deterministically for 
     c.Z.equal(a.Z).all().item<bool>() |> should be False
 
 [<Fact>]
+let ``the observer sees every stage in order`` () =
+    use p = tiny "sr"
+    use lq = testImage ()
+    let stages = ResizeArray<string>()
+    p.Pipeline.Observer <- Action<PipelineEvent>(fun e -> stages.Add e.Stage)
+    let mutable steps = 0
+    p.Pipeline.StepObserver <- Func<DiffBIR.Lab.Sampling.StepInfo, bool>(fun _ -> steps <- steps + 1; true)
+    use _r = p.Restore(lq, PipelineOptions(Steps = 2, Seed = 1L))
+    List.ofSeq stages |> should equal [ "stage1"; "c_txt"; "uc_txt"; "c_img"; "z"; "decoded"; "image" ]
+    steps |> should equal 2
+
+/// Official cast_dtype: UNet and ControlNet blocks in half / bfloat16 (GroupNorm float32); the rest stays float32
+/// here (no autocast in TorchSharp). With random weights the latents are huge, so only finiteness and shape are checked.
+[<Theory>]
+[<InlineData("Bf16")>]
+[<InlineData("Fp16")>]
+let ``reduced precision casts the diffusion networks and still restores`` (precision: string) =
+    let prec = if precision = "Bf16" then Precision.Bf16 else Precision.Fp16
+    use p = Presets.Build("tiny", "sr", fixturesDir, BuildOptions(Precision = prec))
+    let dtype = if precision = "Bf16" then torch.ScalarType.BFloat16 else torch.ScalarType.Float16
+    p.Pipeline.Cldm.unet.parameters() |> Seq.exists (fun t -> t.dtype = dtype) |> should be True
+    p.Pipeline.Cldm.controlnet.parameters() |> Seq.exists (fun t -> t.dtype = dtype) |> should be True
+    p.Pipeline.Cldm.vae.parameters() |> Seq.forall (fun t -> t.dtype = torch.ScalarType.Float32) |> should be True
+    use lq = testImage ()
+    use r = p.Restore(lq, PipelineOptions(Steps = 2, Seed = 1L))
+    r.Image.shape |> should equal [| 1L; 128L; 128L; 3L |]
+    r.Z.isfinite().all().item<bool>() |> should be True
+
+[<Fact>]
 let ``every preset names its checkpoints, schedule and cleaner per task`` () =
     Presets.V2.Cleaners.[RestorationTask.Sr].Kind |> should equal CleanerKind.BSRNet
     Presets.V2.Cleaners.[RestorationTask.Denoise].Kind |> should equal CleanerKind.SCUNet
