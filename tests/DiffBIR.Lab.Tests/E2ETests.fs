@@ -118,6 +118,10 @@ let ``missing weights raise an error naming every file and the fetch command`` (
     let ex21 = Assert.Throws<MissingWeightsException>(fun () -> Presets.Build("v2.1", "face", dir.Path) |> ignore)
     ex21.Message |> should haveSubstring "face_swinir_v1.ckpt"
     ex21.Message |> should haveSubstring "diffbir-lab weights fetch v2.1"
+    // tiny needs only the tokenizer's vocabulary, which any official preset's fetch brings
+    let exTiny = Assert.Throws<MissingWeightsException>(fun () -> Presets.Build("tiny", "sr", dir.Path) |> ignore)
+    exTiny.MissingFiles |> should equal [| "bpe_simple_vocab_16e6.txt.gz" |]
+    exTiny.FetchCommand |> should equal "diffbir-lab weights fetch v2"
 
 /// The official code prints "the input size is tiny and unnecessary to tile" and runs untiled when the input is
 /// smaller than a tile: the result must then be identical to the untiled run.
@@ -147,3 +151,19 @@ let ``Pillow's bicubic pre-upscale keeps flat images flat and has the loop's siz
     up.eq(torch.tensor(77uy)).all().item<bool>() |> should be True
     use same = PilResize.Resize(flat, 5, 7)
     same.equal(flat).all().item<bool>() |> should be True
+
+/// Values written by Pillow 9.4 (Debian python3-pil): a random 7×5 RGB image resized with Image.BICUBIC to 28×20
+/// (the loops' ×4 pre-upscale), 3×2 (shrinking: widened support) and 10×13 (mixed).
+[<Fact>]
+let ``our bicubic pre-upscale equals Pillow's byte for byte`` () =
+    let src = "grcO7n8aUDm+8H7CNH8GbtCPXcdRJEfjQEMAAmtuVFWUoGVoXWTEmAu41FRKhyGpmgGtIZ61nPahXvbxWh2DC7fOCda7wATnF1xkPH3ssLWA7De8lxLdLmquuUuujS+fopxaKEye91IY"
+    let expected =
+        [ 28, 20, "gMoAhscAl78AubMA4qMC/48R+HssyGJajEiOXza5YDbQkEnd0GTe/HzS9oa1v4R6dn83OH8FJIoAMqAgT71UatV/ceCKbOJ5Yt9hWdxMVd1CU9w+esMBgcABkbkEsa0E2Z4H9YsR7nkqv2FWhkmKWjm0WzjLikvYyGPa8nrP7oOzu4J7d346PX0KKogEN54lUblYac+CcNmNbNl9Y9ZnXNJSWdFJV9BEbrMhdLEgg6oeoKAWxJIP3oIQ13IkrF9Ndkx/Tj+pUD/Ae07NtGLQ3XXH3H2us3x7enlBSXkWOYIRQZYxVq5haMGJbsmUbMaGaL9yZLlfYbdXYbZTU5ZiWJRdZY9Sfog5nH0dsXIKrGgUhl44V1VpNU6TN06rXVe5kGG+uGu5vm+lpW98gG1MYG8pU3YnVYVFXZdwZqSVaqegbqCXcJWHcox5c4hydIZwNHKwOHGnQW6QVGlla2Mwe10GdlsDV1wgMl5PF195GmCROWCfZF+niF+nll+bk2B+iGFbfGNDdWdEbXJfZ32EY4KlZX+wb3GsemGihFSYiE2UikqTIFHvIlHjKE/ENU2LQ0pETEkISEwAMVcSFmI8A2plBmt8HGaKO12UWVeXblWSf1eBjVxrlWBdlGJihWd6cGyaYWq2YWDAb0u/gTS5kSGzmBewnBOwLkL3L0LrMkHONz6XPTxVPzobOz8NK0oeGVhBDGJjDGV3GGOFKl2PPlmVVFuTcGGIjWl4oW9wpHJ3kXWOdXWsX3DFXWLNa0XKfyXCkAy7mAC3mwC2ZUHGZEC/Yj2tXzeLWjBjVCtATiw4RDNEOj1bMUdzLU6CKleOKmCYMWmfQnOeY4GTiY6FpZh+qZ2HlZ6fd52/XpjXWITcYVzRcDC/fQ6wgwCohQCmqEiApUaAnkB9kjd3gypwdSBsbRtvaRl2ZxyAYyWLWTCUR0eeNGKnKnytNZKrV6eggrmSoseLqNCUldGvd8/QXszoVbLpV3/TX0e2ZhudaAORagCM11NK0lBOyUlYtj5ooC9+jCCThBaehwuijgWijwijghWnYjesP2KyJ4q1K6mzS8OpeNidmuqYovWhkve7ePbbYfXwV9ntVJ3RVl2tWCmPWQ5/WQJ502RCzmFIxVtWsFFumUSNhTapgCi4jRO7ngG5qAC2mga1cyy0RVyyI4qwIauuPcaraNuni+yolfmxjP7Fe//bav/pZOXkYqjJYmapYzGOYxWBYwh8m4JimIBokX1ygHqFbnSdYGm0ZVfBfzTInxHLswDKqQDEfiG3SFCmHn6bFZyaKrGkTcGzbM/BfN3JgefNgPDQgPbOgt3IhKa6hmiqhzaeiByXiRCVUaKUT6KXS6KbQKejN6utMaa5QI/CaV/OlynZtwPcsQDThRe4TEKXHGuADYSBGJKbMJy9S6XZX7Lfc8PShtS+l96ro8ylrJynsWastTqwtySyuhq0F7XCF7XBFbrADsa9C9K6CtO6IbvAVYLPj0DguA3ntwDcjRK3UjaLIFltDGxuEHWRH3vBNYLmSo7rZ6LSh7etpcOPubaIypCW1GOp3D+54SzB5STFD6nZDqrXDbHTBMLLANTCANu7FsW+To/NjE3fuRjnvAfblhS2XzCKL0xrG1xrG2WMJ225OHXcSoDfY5LGgKKinKuEs6F9zIOJ32Cb70Or+DSy+y62NXrhM33fLobZHprQEa/DCL26HLC5T4fEilXRtyrXvhrOoB+zdC6STUB6Pk12QF2ISm2iVnu3X4S5ZYutbo6aeo2IkIOAs3B/1VqA8UiC/z+D/zuDaUPiZUffW1LaRWfPLH/CG5K2KJCzU3i4iVnAsz3DvS++qiywii6dbjaOZEKGaVmFdHOIfYeLeo6NaomQWX2TU3CSZGeKkV14w1Rk7E1U/0hM/0dIlRbijxvfgifZZT3ORFfALG+zMnSuV2uuiFuxsEuzvECxsTetmy+miC+fgzqUi1eEl3lznJNnkJdpb4l5SXGPMlubQFGTdk5ztE9N51Av/08f/1AYqwDjpATglRHadSjOT0TANF6yNmerWGWpiF2qrlOrvEqqtTyrpS+rlyqnkzWanVWCqXxorJhVm5tWcYdtQWmMIk6fLkSWaEZvrUxB5lIb/1QI/1UAtADkrADhnQfaex/PUzvANlaxOGKqWWOnh16nrlenvE6otz6rqS+tnSirmzKdpVSCsXxjs5lNoJxNcYZoPWWKGkihJj6XYkJuqks75lMT/1YA/1gA"
+          3, 2, "cFpfanCNcYiWXmC5amSlk3qV"
+          10, 13, "hMYA1KcB4m5CWTTB1GbcxYSBJoQAXsltaeB0VtlCdrUYv5oOy2o5TTy1vmXSu36BNn8KX7x2a8p+X71SS4h3g3cuimAcJ1OUhmG2ommBYG0tYpSKcIyae3R9IlTgQk1XQVICA2pwQ12WgFeCk2BbZ22ndEe7mByuQkDeRjdsOTsgGFpwKl6TZ2uNqYB6aYLBbUDKkQCyo0WChy5yaRpvXyiNMmWnVKOhqsuOaczdWWzKagGR2VdEqjt8iBOwnACtP2W0QcWsnfijbv/oWJHDWhB8loFocniWb0jGtADKQ1WkJq6jd9bIgfLOhpO1ihqYKrCxHMO1QpLHvADjST6MEX+RSpbqlcqlwoeh0ie+EabZAczFL6zEwBHlWzKHH2OIRnzfjKWR0XeN+jWvVFngKInGOI64vDDKfy+XW1iFcomcX36Sq192/0VelhXgUkrEQ26st0qxnC+nj1SFmppiOGKYhUxm/1AYrADiXzTERmWotVSopy6tolGEqZ9MKVWYeUVf/1YA" ]
+    let bytes : byte[] = Convert.FromBase64String src
+    use flat = torch.tensor(bytes)
+    use img = flat.reshape(1L, 5L, 7L, 3L)
+    for (w, h, b64) in expected do
+        use ours = PilResize.Resize(img, h, w)
+        ours.data<byte>().ToArray() |> should equal (Convert.FromBase64String b64)

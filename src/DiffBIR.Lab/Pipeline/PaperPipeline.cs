@@ -153,6 +153,7 @@ public sealed class PaperPipeline
             z = run.Result!;
         }
         var x = o.Tiled ? VaeDecodeTiled(z, o.TileSize / 8, o.TileStride / 8) : Cldm.VaeDecode(z);
+        z.Dispose();
         var sample = x[.., .., ..(int)h0, ..(int)w0];
         sample.MoveToOuterDisposeScope();
         foreach (var s in steps) foreach (var t in new[] { s.Eps, s.PredX0, s.PredX0Guided, s.X }) t?.MoveToOuterDisposeScope();

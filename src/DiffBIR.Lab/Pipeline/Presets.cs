@@ -66,11 +66,13 @@ public sealed class MissingWeightsException : FileNotFoundException
     public IReadOnlyList<string> MissingFiles { get; }
     public string FetchCommand { get; }
 
-    public MissingWeightsException(string folder, string preset, IReadOnlyList<string> files)
+    /// <param name="fetchPreset">The preset whose fetch brings the files (default: <paramref name="preset"/>; the tiny
+    /// and custom presets need only the BPE vocabulary, which every official preset fetches).</param>
+    public MissingWeightsException(string folder, string preset, IReadOnlyList<string> files, string? fetchPreset = null)
         : base($"preset '{preset}' needs {files.Count} file(s) missing from {folder}: {string.Join(", ", files)}. " +
-               $"Download them with: diffbir-lab weights fetch {preset}")
+               $"Download them with: diffbir-lab weights fetch {fetchPreset ?? preset}")
     {
-        MissingFiles = files; FetchCommand = $"diffbir-lab weights fetch {preset}";
+        MissingFiles = files; FetchCommand = $"diffbir-lab weights fetch {fetchPreset ?? preset}";
     }
 }
 
@@ -194,7 +196,8 @@ public static class Presets
     static ClipTokenizer Tokenizer(string weightsDir, string preset)
     {
         var path = Path.Combine(weightsDir, BpeVocabFile);
-        if (!File.Exists(path)) throw new MissingWeightsException(weightsDir, preset == "tiny" || preset == "custom" ? "v2" : preset, new[] { BpeVocabFile });
+        if (!File.Exists(path))
+            throw new MissingWeightsException(weightsDir, preset, new[] { BpeVocabFile }, preset is "tiny" or "custom" ? "v2" : preset);
         return new ClipTokenizer(path);
     }
 

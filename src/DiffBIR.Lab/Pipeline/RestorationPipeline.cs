@@ -205,10 +205,12 @@ public sealed class RestorationPipeline : IDisposable
             IDenoiser model = cldmTiled ? new TiledDenoiser(Cldm, o.CldmTileSize / 8, o.CldmTileStride / 8) : Cldm;
             var cfg = new CfgDenoiser(model, pos, neg);
             var sampler = Samplers.Create(o.Sampler, Schedule, o.SamplerOptions);
-            Tensor z;
+            Tensor zFull;
             using (var run = sampler.Start(xT, o.Steps, noise))
-                z = SamplingLoop.Run(run, cfg, null, StepObserver) ?? throw new OperationCanceledException("sampling cancelled by the observer");
-            z = z[.., .., ..(int)h1, ..(int)w1];
+                zFull = SamplingLoop.Run(run, cfg, null, StepObserver) ?? throw new OperationCanceledException("sampling cancelled by the observer");
+            // the run's result belongs to us and lives outside any scope: keep the crop, free the handle
+            var z = zFull[.., .., ..(int)h1, ..(int)w1].clone();
+            zFull.Dispose();
             Emit("z", z);
             if (decTiled && (h1 < o.VaeDecoderTileSize / 8 || w1 < o.VaeDecoderTileSize / 8))
             {
