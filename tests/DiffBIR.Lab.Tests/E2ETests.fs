@@ -86,6 +86,19 @@ let ``reduced precision casts the diffusion networks and still restores`` (preci
     r.Image.shape |> should equal [| 1L; 128L; 128L; 3L |]
     r.Z.isfinite().all().item<bool>() |> should be True
 
+/// HEAD never applies restoration guidance (dead code); the lab's option applies it as v2.0.0 did.
+[<Fact>]
+let ``restoration guidance is off by default, as at HEAD, and moves the latent when switched on`` () =
+    use p = tiny "sr"
+    use lq = testImage ()
+    use off = p.Restore(lq, PipelineOptions(Steps = 2, Seed = 5L))
+    let g = DiffBIR.Lab.Guidance.WeightedMseGuidance(Scale = 0.5, Space = DiffBIR.Lab.Guidance.GuidanceSpace.Rgb)
+    let applied = ResizeArray<bool>()
+    p.Pipeline.StepObserver <- Func<DiffBIR.Lab.Sampling.StepInfo, bool>(fun s -> applied.Add s.GuidanceApplied; true)
+    use on = p.Restore(lq, PipelineOptions(Steps = 2, Seed = 5L, Guidance = g))
+    List.ofSeq applied |> should equal [ true; true ]
+    on.Z.equal(off.Z).all().item<bool>() |> should be False
+
 [<Fact>]
 let ``every preset names its checkpoints, schedule and cleaner per task`` () =
     Presets.V2.Cleaners.[RestorationTask.Sr].Kind |> should equal CleanerKind.BSRNet

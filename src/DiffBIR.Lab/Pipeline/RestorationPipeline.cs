@@ -62,6 +62,14 @@ public sealed record PipelineOptions
     public long Seed { get; init; } = 231;
     /// <summary>Replaces the seeded source (all torch.randn / randn_like calls of the official run, in order).</summary>
     public INoiseSource? Noise { get; init; }
+    /// <summary>
+    /// Restoration guidance of x̂₀ towards the condition image (the paper's latent image guidance). Null = the HEAD
+    /// behaviour: there the pipeline only calls <c>cond_fn.load_target</c> and no sampler ever applies it, so the
+    /// official outputs are those of guidance off. When set, it is applied at every step as v2.0.0 did (target
+    /// = padded condition·2 − 1; rgb space through the differentiable decoder; latent space re-encodes the target
+    /// with a posterior sample each repeat, drawing from the run's noise).
+    /// </summary>
+    public Guidance.RestorationGuidance? Guidance { get; init; }
 
     public SamplerOptions SamplerOptions => new(CfgScale, RescaleCfg, SChurn, STmin, STmax, SNoise, Eta, Order);
 }
@@ -203,11 +211,25 @@ public sealed class RestorationPipeline : IDisposable
             var pos = new Conditioning(cond.CText, cImgForSampling, scales);
             var neg = new Conditioning(ucText, uImg, scales);
             IDenoiser model = cldmTiled ? new TiledDenoiser(Cldm, o.CldmTileSize / 8, o.CldmTileStride / 8) : Cldm;
+            Guidance.Guide? guide = null;
+            if (o.Guidance is not null)
+            {
+                var target = padded * 2 - 1;
+                guide = new Guidance.Guide(o.Guidance, target)
+                {
+                    Decode = zz => Cldm.VaeDecode(zz),
+                    EncodeTarget = img =>
+                    {
+                        using var like = torch.empty(new[] { img.shape[0], 4L, img.shape[2] / 8, img.shape[3] / 8 });
+                        return Cldm.VaeEncode(img, noise.Next(like));
+                    },
+                };
+            }
             var cfg = new CfgDenoiser(model, pos, neg);
             var sampler = Samplers.Create(o.Sampler, Schedule, o.SamplerOptions);
             Tensor zFull;
             using (var run = sampler.Start(xT, o.Steps, noise))
-                zFull = SamplingLoop.Run(run, cfg, null, StepObserver) ?? throw new OperationCanceledException("sampling cancelled by the observer");
+                zFull = SamplingLoop.Run(run, cfg, guide, StepObserver) ?? throw new OperationCanceledException("sampling cancelled by the observer");
             // the run's result belongs to us and lives outside any scope: keep the crop, free the handle
             var z = zFull[.., .., ..(int)h1, ..(int)w1].clone();
             zFull.Dispose();
