@@ -93,30 +93,39 @@ public sealed class ControlLDM : nn.Module, IDenoiser
         set { unet.AttentionMode = value; controlnet.AttentionMode = value; }
     }
 
-    /// <summary>Image in [-1, 1] → latent: posterior mode (or a sample with <paramref name="noise"/>) × 0.18215.</summary>
-    public Tensor VaeEncode(Tensor image, Tensor? noise = null)
+    /// <summary>
+    /// Image in [-1, 1] → latent: posterior mode (or a sample with <paramref name="noise"/>) × 0.18215. With
+    /// <paramref name="tiled"/> the encoder runs as the official tiled VAE (<see cref="TiledVae"/>, tiles of
+    /// <paramref name="tileSize"/> pixels; untiled when the image is no larger than a tile plus its padding).
+    /// </summary>
+    public Tensor VaeEncode(Tensor image, Tensor? noise = null, bool tiled = false, int tileSize = -1)
     {
         using var scope = torch.NewDisposeScope();
-        using var posterior = vae.Encode(image);
+        using var posterior = tiled
+            ? new DiagonalGaussianDistribution(vae.quant_conv_forward(new TiledVae(vae, isDecoder: false, tileSize).Forward(image)))
+            : vae.Encode(image);
         var z = noise is null ? posterior.Mode() : posterior.Sample(noise);
         return (z * Config.LatentScaleFactor).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Latent → image in about [-1, 1]: decode(z / 0.18215).</summary>
-    public Tensor VaeDecode(Tensor z)
+    /// <summary>Latent → image in about [-1, 1]: decode(z / 0.18215); tiled with tiles of <paramref name="tileSize"/> latent pixels.</summary>
+    public Tensor VaeDecode(Tensor z, bool tiled = false, int tileSize = -1)
     {
         using var scope = torch.NewDisposeScope();
-        return vae.Decode(z / Config.LatentScaleFactor).MoveToOuterDisposeScope();
+        if (!tiled) return vae.Decode(z / Config.LatentScaleFactor).MoveToOuterDisposeScope();
+        var h = vae.post_quant_conv_forward(z / Config.LatentScaleFactor);
+        return new TiledVae(vae, isDecoder: true, tileSize).Forward(h).MoveToOuterDisposeScope();
     }
 
     /// <summary>
     /// The condition for a stage-1 output in [0, 1] and prompts (official <c>prepare_condition</c>): c_txt = CLIP of the
-    /// prompts, c_img = VaeEncode(2·cond − 1) (mode, no sampling).
+    /// prompts, c_img = VaeEncode(2·cond − 1) (mode, no sampling), optionally with the tiled encoder.
     /// </summary>
-    public Conditioning PrepareCondition(Tensor condImage, IReadOnlyList<string> prompts)
+    public Conditioning PrepareCondition(Tensor condImage, IReadOnlyList<string> prompts, bool tiled = false, int tileSize = -1)
     {
         var cTxt = clip.Encode(prompts);
-        var cImg = VaeEncode(condImage * 2 - 1);
+        using var scaled = condImage * 2 - 1;
+        var cImg = VaeEncode(scaled, tiled: tiled, tileSize: tileSize);
         return new Conditioning(cTxt, cImg);
     }
 

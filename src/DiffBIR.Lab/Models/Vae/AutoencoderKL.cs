@@ -391,6 +391,12 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
         using (moments) return new DiagonalGaussianDistribution(moments);
     }
 
+    /// <summary>The 1×1 conv from encoder features to moments (used by the tiled encoder).</summary>
+    internal Tensor quant_conv_forward(Tensor h) => quant_conv.forward(h);
+
+    /// <summary>The 1×1 conv from latent to decoder input (used by the tiled decoder).</summary>
+    internal Tensor post_quant_conv_forward(Tensor z) => post_quant_conv.forward(z);
+
     /// <summary>Image from an UNSCALED latent (official <c>decode</c>).</summary>
     public Tensor Decode(Tensor z)
     {

@@ -1,0 +1,296 @@
+using System.Text.Json.Nodes;
+using DiffBIR.Lab.Checkpoints;
+using DiffBIR.Lab.Diffusion;
+using DiffBIR.Lab.Models;
+using DiffBIR.Lab.Models.Clip;
+using DiffBIR.Lab.Models.Stage1;
+using DiffBIR.Lab.Weights;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DiffBIR.Lab.Pipeline;
+
+/// <summary>The official <c>--task</c>: super-resolution (BSR), aligned faces (BFR), denoising (BID).</summary>
+public enum RestorationTask { Sr, Face, Denoise }
+
+/// <summary>The stage-1 network and its checkpoint (a weights-manifest id) for one task.</summary>
+public sealed record CleanerChoice(CleanerKind Kind, string CheckpointId);
+
+/// <summary>
+/// A model version of DiffBIR (official <c>--version</c>) and everything it fixes: the checkpoints (ids of
+/// weights/manifest.json), the noise schedule and parameterisation, the cleaner per task, whether the loop
+/// bicubic-upscales the input before the cleaner, and the sampler defaults of inference.py (the same for every
+/// version at HEAD: edm_dpm++_3m_sde, 10 steps, CFG 6, start point noise).
+/// </summary>
+public sealed record PresetSpec(
+    string Name,
+    NoiseSchedule Schedule,
+    string? SdCheckpointId,
+    IReadOnlyDictionary<RestorationTask, string> ControlNetIds,
+    IReadOnlyDictionary<RestorationTask, CleanerChoice> Cleaners,
+    PipelineOptions Defaults,
+    bool NotATrainedModel = false)
+{
+    public Parameterization Parameterization => Schedule.Parameterization;
+
+    /// <summary>Whether the official loop upscales the lq with Pillow bicubic before the cleaner (every case except
+    /// v2 super-resolution, where BSRNet upscales itself).</summary>
+    public bool PreUpscale(RestorationTask task) => Cleaners[task].Kind != CleanerKind.BSRNet;
+}
+
+/// <summary>Checkpoints of a self-trained model (official <c>--version custom</c>: train config's sd_path and
+/// swinir_path, <c>--ckpt</c> for the IRControlNet), with the training schedule.</summary>
+public sealed record CustomCheckpoints(string SdPath, string CleanerPath, string ControlNetPath, NoiseSchedule? Schedule = null,
+    SwinIRConfig? CleanerConfig = null, ControlLdmConfig? CldmConfig = null);
+
+/// <summary>Precision of the diffusion networks (official <c>--precision</c>).</summary>
+public enum Precision { Fp32, Fp16, Bf16 }
+
+/// <summary>Options of <see cref="Presets.Build"/>.</summary>
+public sealed record BuildOptions
+{
+    /// <summary>Official default fp16 (on CUDA). Here: UNet and ControlNet cast as the official <c>cast_dtype</c>
+    /// (GroupNorm kept float32); the VAE, CLIP and the cleaner stay float32 because TorchSharp has no autocast.</summary>
+    public Precision Precision { get; init; } = Precision.Fp32;
+    /// <summary>Final upscale (official <c>--upscale</c>, default 4).</summary>
+    public double Upscale { get; init; } = 4;
+    /// <summary>Seed of the tiny preset's random weights.</summary>
+    public long TinySeed { get; init; } = 1234;
+    public CustomCheckpoints? Custom { get; init; }
+    public Device? Device { get; init; }
+}
+
+/// <summary>Raised when a preset's checkpoint files are not in the weights folder.</summary>
+public sealed class MissingWeightsException : FileNotFoundException
+{
+    public IReadOnlyList<string> MissingFiles { get; }
+    public string FetchCommand { get; }
+
+    /// <param name="fetchPreset">The preset whose fetch brings the files (default: <paramref name="preset"/>; the tiny
+    /// and custom presets need only the BPE vocabulary, which every official preset fetches).</param>
+    public MissingWeightsException(string folder, string preset, IReadOnlyList<string> files, string? fetchPreset = null)
+        : base($"preset '{preset}' needs {files.Count} file(s) missing from {folder}: {string.Join(", ", files)}. " +
+               $"Download them with: diffbir-lab weights fetch {fetchPreset ?? preset}")
+    {
+        MissingFiles = files; FetchCommand = $"diffbir-lab weights fetch {fetchPreset ?? preset}";
+    }
+}
+
+/// <summary>A built pipeline with the preset it came from, ready to <see cref="RestorationPipeline.Run"/>.</summary>
+public sealed class PresetPipeline : IDisposable
+{
+    public PresetSpec Preset { get; }
+    public RestorationTask Task { get; }
+    public RestorationPipeline Pipeline { get; }
+    public double Upscale { get; }
+
+    internal PresetPipeline(PresetSpec preset, RestorationTask task, RestorationPipeline pipeline, double upscale)
+    {
+        Preset = preset; Task = task; Pipeline = pipeline; Upscale = upscale;
+    }
+
+    /// <summary>The whole official inference loop for one uint8 [N, H, W, 3] input: the loop's pre-upscale where the
+    /// preset has one, then <see cref="RestorationPipeline.Run"/> with the preset's defaults (overridden by
+    /// <paramref name="options"/>).</summary>
+    public RestorationResult Restore(Tensor lqUint8Nhwc, PipelineOptions? options = null)
+    {
+        var o = options ?? Preset.Defaults;
+        if (!Preset.PreUpscale(Task)) return Pipeline.Run(lqUint8Nhwc, o);
+        using var up = PilResize.Upscale(lqUint8Nhwc, Upscale);
+        return Pipeline.Run(up, o);
+    }
+
+    public void Dispose() => Pipeline.Dispose();
+}
+
+/// <summary>
+/// The presets <c>v1</c>, <c>v2</c>, <c>v2.1</c>, <c>custom</c> (official inference.py versions) and <c>tiny</c>
+/// (the fixtures' tiny networks with seeded random weights: restores on CPU in seconds, output marked as not from a
+/// trained model), and the factory that builds a pipeline from real checkpoints.
+/// </summary>
+public static class Presets
+{
+    static IReadOnlyDictionary<RestorationTask, T> PerTask<T>(T sr, T face, T denoise) =>
+        new Dictionary<RestorationTask, T> { [RestorationTask.Sr] = sr, [RestorationTask.Face] = face, [RestorationTask.Denoise] = denoise };
+
+    static readonly PipelineOptions InferenceDefaults = new();
+
+    public static PresetSpec V1 { get; } = new("v1", NoiseSchedule.V2, "sd_v2.1",
+        PerTask("v1_general", "v1_face", "v1_general"),
+        PerTask(new CleanerChoice(CleanerKind.SwinIR, "swinir_general"), new CleanerChoice(CleanerKind.SwinIR, "swinir_face"), new CleanerChoice(CleanerKind.SwinIR, "swinir_general")),
+        InferenceDefaults);
+
+    public static PresetSpec V2 { get; } = new("v2", NoiseSchedule.V2, "sd_v2.1",
+        PerTask("v2", "v2", "v2"),
+        PerTask(new CleanerChoice(CleanerKind.BSRNet, "bsrnet"), new CleanerChoice(CleanerKind.SwinIR, "swinir_face"), new CleanerChoice(CleanerKind.SCUNet, "scunet_psnr")),
+        InferenceDefaults);
+
+    public static PresetSpec V2_1 { get; } = new("v2.1", NoiseSchedule.V2_1, "sd_v2.1_zsnr",
+        PerTask("v2.1", "v2.1", "v2.1"),
+        PerTask(new CleanerChoice(CleanerKind.SwinIR, "swinir_realesrgan"), new CleanerChoice(CleanerKind.SwinIR, "swinir_face"), new CleanerChoice(CleanerKind.SwinIR, "swinir_realesrgan")),
+        InferenceDefaults);
+
+    /// <summary>Self-trained checkpoints (paths in <see cref="BuildOptions.Custom"/>); SwinIR cleaner as the official custom loop.</summary>
+    public static PresetSpec Custom { get; } = new("custom", NoiseSchedule.V2, null,
+        PerTask("custom", "custom", "custom"),
+        PerTask(new CleanerChoice(CleanerKind.SwinIR, "custom"), new CleanerChoice(CleanerKind.SwinIR, "custom"), new CleanerChoice(CleanerKind.SwinIR, "custom")),
+        InferenceDefaults);
+
+    /// <summary>Fixture-sized networks with seeded random weights; 2 steps and a 128-px condition (official 512) so a
+    /// restore takes seconds on a CPU. Its images are noise: results carry NotATrainedModel.</summary>
+    public static PresetSpec Tiny { get; } = new("tiny", NoiseSchedule.V2, null,
+        PerTask("random", "random", "random"),
+        PerTask(new CleanerChoice(CleanerKind.BSRNet, "random"), new CleanerChoice(CleanerKind.SwinIR, "random"), new CleanerChoice(CleanerKind.SCUNet, "random")),
+        InferenceDefaults with { Steps = 2 }, NotATrainedModel: true);
+
+    public static IReadOnlyList<PresetSpec> All { get; } = new[] { V1, V2, V2_1, Custom, Tiny };
+
+    public static PresetSpec Get(string name) => All.FirstOrDefault(p => p.Name == name)
+        ?? throw new ArgumentException($"unknown preset '{name}' (known: {string.Join(", ", All.Select(p => p.Name))})");
+
+    public static RestorationTask ParseTask(string task) => task switch
+    {
+        "sr" => RestorationTask.Sr,
+        "face" => RestorationTask.Face,
+        "denoise" => RestorationTask.Denoise,
+        _ => throw new ArgumentException($"unknown task '{task}' (known: sr, face, denoise)"),
+    };
+
+    static string TaskName(RestorationTask t) => t switch { RestorationTask.Sr => "sr", RestorationTask.Face => "face", _ => "denoise" };
+
+    public const string BpeVocabFile = "bpe_simple_vocab_16e6.txt.gz";
+
+    /// <summary>The fixtures' tiny ControlLDM (e2e_bsr_v2 config: UNet/ControlNet 32 channels, KL-f8 VAE with 32 channels, 3-layer CLIP).</summary>
+    public const string TinyCldmJson = """
+    {"unet_cfg": {"use_checkpoint": true, "image_size": 32, "in_channels": 4, "use_spatial_transformer": true, "use_linear_in_transformer": true, "transformer_depth": 1, "legacy": false, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 8, "context_dim": 32},
+     "controlnet_cfg": {"use_checkpoint": true, "image_size": 32, "in_channels": 4, "use_spatial_transformer": true, "use_linear_in_transformer": true, "transformer_depth": 1, "legacy": false, "model_channels": 32, "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 8, "context_dim": 32, "hint_channels": 4},
+     "vae_cfg": {"embed_dim": 4, "ddconfig": {"double_z": true, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}},
+     "clip_cfg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}, "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3}, "layer": "penultimate"},
+     "latent_scale_factor": 0.18215}
+    """;
+
+    /// <summary>
+    /// Builds the pipeline of a preset for a task. Real presets load from <paramref name="weightsDir"/> (file names of
+    /// weights/manifest.json): the SD checkpoint with the official prefix rules (missing keys reported, unused
+    /// ignored), the IRControlNet and the cleaner strictly. Missing files raise <see cref="MissingWeightsException"/>,
+    /// which names each file and the fetch command. The tiny preset needs only the BPE vocabulary (a tokenizer table,
+    /// fetched with every preset) in <paramref name="weightsDir"/>.
+    /// </summary>
+    public static PresetPipeline Build(string preset, string task, string weightsDir, BuildOptions? options = null) =>
+        Build(Get(preset), ParseTask(task), weightsDir, options);
+
+    public static PresetPipeline Build(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions? options = null)
+    {
+        var o = options ?? new BuildOptions();
+        RestorationPipeline pipe = preset.Name switch
+        {
+            "tiny" => BuildTiny(preset, task, weightsDir, o),
+            "custom" => BuildCustom(preset, task, weightsDir, o),
+            _ => BuildOfficial(preset, task, weightsDir, o),
+        };
+        if (o.Precision != Precision.Fp32)
+            pipe.Cldm.CastDtype(o.Precision == Precision.Fp16 ? ScalarType.Float16 : ScalarType.BFloat16);
+        return new PresetPipeline(preset, task, pipe, o.Upscale);
+    }
+
+    static ClipTokenizer Tokenizer(string weightsDir, string preset)
+    {
+        var path = Path.Combine(weightsDir, BpeVocabFile);
+        if (!File.Exists(path))
+            throw new MissingWeightsException(weightsDir, preset, new[] { BpeVocabFile }, preset is "tiny" or "custom" ? "v2" : preset);
+        return new ClipTokenizer(path);
+    }
+
+    static RestorationPipeline BuildOfficial(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions o)
+    {
+        var manifest = WeightsManifest.Load(FindManifest());
+        var missing = manifest.Missing(weightsDir, preset.Name, TaskName(task)).Select(f => f.File).ToList();
+        if (missing.Count > 0) throw new MissingWeightsException(weightsDir, preset.Name, missing);
+        string FileOf(string id) => Path.Combine(weightsDir, manifest[id].File);
+
+        var cldm = new ControlLDM(ControlLdmConfig.Sd21, Tokenizer(weightsDir, preset.Name));
+        using (var sd = Checkpoint.Load(FileOf(preset.SdCheckpointId!)))
+            cldm.LoadPretrainedSd(sd.Tensors, manifest[preset.SdCheckpointId!].File);
+        using (var cn = Checkpoint.Load(FileOf(preset.ControlNetIds[task])))
+            cldm.LoadControlNet(cn.Tensors, manifest[preset.ControlNetIds[task]].File);
+        cldm.eval();
+        var choice = preset.Cleaners[task];
+        var cleaner = MakeCleaner(choice.Kind, o.Upscale, null);
+        using (var w = Checkpoint.Load(FileOf(choice.CheckpointId)))
+            StateDictLoader.Load(cleaner.Network, w.Tensors, strict: true, sourceName: manifest[choice.CheckpointId].File);
+        return new RestorationPipeline(cleaner, cldm, preset.Schedule);
+    }
+
+    static RestorationPipeline BuildCustom(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions o)
+    {
+        var c = o.Custom ?? throw new ArgumentException("preset 'custom' needs BuildOptions.Custom (SD, cleaner and ControlNet checkpoint paths)");
+        var missing = new[] { c.SdPath, c.CleanerPath, c.ControlNetPath }.Where(p => !File.Exists(p)).ToList();
+        if (missing.Count > 0)
+            throw new FileNotFoundException($"preset 'custom': missing checkpoint file(s): {string.Join(", ", missing)}");
+        var cldm = new ControlLDM(c.CldmConfig ?? ControlLdmConfig.Sd21, Tokenizer(weightsDir, "custom"));
+        using (var sd = Checkpoint.Load(c.SdPath)) cldm.LoadPretrainedSd(sd.Tensors, c.SdPath);
+        using (var cn = Checkpoint.Load(c.ControlNetPath)) cldm.LoadControlNet(cn.Tensors, c.ControlNetPath);
+        cldm.eval();
+        var cleaner = new SwinIRCleaner(new SwinIR(c.CleanerConfig ?? SwinIRConfig.Full));
+        using (var w = Checkpoint.Load(c.CleanerPath)) StateDictLoader.Load(cleaner.Network, w.Tensors, strict: true, sourceName: c.CleanerPath);
+        return new RestorationPipeline(cleaner, cldm, c.Schedule ?? preset.Schedule);
+    }
+
+    /// <summary>Short edge of the tiny preset's condition image (official: 512). Lowered so a random-weight smoke run
+    /// of a 32×32 input works at 128 px and takes seconds; everything else is the official flow.</summary>
+    public const int TinyConditionShortEdge = 128;
+
+    static Cleaner MakeCleaner(CleanerKind kind, double upscale, bool? tiny) => kind switch
+    {
+        CleanerKind.BSRNet => new BSRNetCleaner(new RRDBNet(tiny == true ? new RRDBNetConfig(Nf: 16, Nb: 2, Gc: 8) : RRDBNetConfig.Full), upscale)
+            { ConditionShortEdge = tiny == true ? TinyConditionShortEdge : 512 },
+        CleanerKind.SwinIR => new SwinIRCleaner(new SwinIR(tiny == true
+            ? new SwinIRConfig(ImgSize: 64, EmbedDim: 16, Depths: new[] { 2, 2 }, NumHeads: new[] { 2, 2 }, WindowSize: 8, MlpRatio: 2, Sf: 8,
+                Upsampler: "nearest+conv", Unshuffle: true, UnshuffleScale: 8)
+            : SwinIRConfig.Full)) { ConditionShortEdge = tiny == true ? TinyConditionShortEdge : 512 },
+        _ => new SCUNetCleaner(new SCUNet(tiny == true ? new SCUNetConfig(Blocks: new[] { 2, 2, 0, 0, 0, 2, 2 }, Dim: 64) : SCUNetConfig.Full))
+            { ConditionShortEdge = tiny == true ? TinyConditionShortEdge : 512 },
+    };
+
+    static RestorationPipeline BuildTiny(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions o)
+    {
+        var cldm = new ControlLDM(ControlLdmConfig.FromJson(JsonNode.Parse(TinyCldmJson)!), Tokenizer(weightsDir, "tiny"));
+        var cleaner = MakeCleaner(preset.Cleaners[task].Kind, o.Upscale, tiny: true);
+        RandomInit(cldm, o.TinySeed);
+        RandomInit(cleaner.Network, o.TinySeed + 1);
+        cldm.eval();
+        return new RestorationPipeline(cleaner, cldm, preset.Schedule) { NotATrainedModel = true };
+    }
+
+    /// <summary>
+    /// Seeded random weights in the fixtures' spirit (every layer non-zero, so no output is trivially zero):
+    /// weights of rank ≥ 2 N(0,1)/√fan_in, norm weights 1 + 0.1·N, other vectors 0.1·N. Walk order = named_parameters.
+    /// </summary>
+    public static void RandomInit(nn.Module module, long seed)
+    {
+        using var gen = new Generator((ulong)seed, torch.CPU);
+        using var _ng = torch.no_grad();
+        foreach (var (name, p) in module.named_parameters())
+        {
+            using var scope = torch.NewDisposeScope();
+            var n = torch.randn(p.shape, ScalarType.Float32, torch.CPU, generator: gen);
+            Tensor v;
+            if (p.dim() >= 2) v = n / Math.Sqrt(p.shape.Skip(1).Aggregate(1L, (a, b) => a * b));
+            else if (name.EndsWith("weight", StringComparison.Ordinal)) v = 1 + 0.1 * n;
+            else v = 0.1 * n;
+            p.copy_(v.to(p.dtype));
+        }
+    }
+
+    /// <summary>weights/manifest.json of the repository (walks up from the working directory and the assembly).</summary>
+    public static string FindManifest()
+    {
+        foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })
+            for (var d = new DirectoryInfo(start); d is not null; d = d.Parent)
+            {
+                var p = Path.Combine(d.FullName, "weights", "manifest.json");
+                if (File.Exists(p)) return p;
+            }
+        throw new FileNotFoundException("weights/manifest.json not found above the working directory or the program");
+    }
+}
