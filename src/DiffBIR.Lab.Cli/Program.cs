@@ -12,6 +12,8 @@ app.Configure(c =>
     c.SetApplicationName("diffbir-lab");
     c.AddCommand<DemoCommand>("demo")
         .WithDescription("The main job. Until restoration lands (issues 3-5) it exercises image I/O, checkpoint reading and the parity runner, and says so.");
+    c.AddCommand<RestoreCommand>("restore")
+        .WithDescription("Restore an image or a folder (presets v1, v2, v2.1, tiny, custom) with every official knob; a JSON manifest beside each output.");
     c.AddCommand<ParityCommand>("parity")
         .WithDescription("Compare our implementation with the official code on golden fixtures (files or folders).");
     c.AddBranch("weights", w =>

@@ -94,6 +94,6 @@ public sealed record NoiseSchedule(
         var shape = new long[like.dim()];
         Array.Fill(shape, 1L);
         shape[0] = t.shape[0];
-        return buffer.index_select(0, t.to(ScalarType.Int64)).to(like.dtype).reshape(shape);
+        return buffer.to(like.device).index_select(0, t.to(ScalarType.Int64).to(like.device)).to(like.dtype).reshape(shape);
     }
 }

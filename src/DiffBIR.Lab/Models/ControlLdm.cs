@@ -136,6 +136,7 @@ public sealed class ControlLDM : nn.Module, IDenoiser
     public Tensor Forward(Tensor x, Tensor t, Conditioning cond)
     {
         using var scope = torch.NewDisposeScope();
+        t = t.to(x.device);   // samplers keep their timesteps on the CPU
         using var control = controlnet.forward(x, cond.CImage, t, cond.CText);
         using var scaled = control.Scaled(cond.ControlScales ?? ControlScales);
         return unet.forward(x, t, cond.CText, scaled).MoveToOuterDisposeScope();

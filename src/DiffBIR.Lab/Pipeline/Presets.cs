@@ -84,6 +84,9 @@ public sealed class PresetPipeline : IDisposable
     public RestorationPipeline Pipeline { get; }
     public double Upscale { get; }
 
+    /// <summary>The checkpoint files this pipeline was loaded from (empty for the tiny preset's random weights).</summary>
+    public IReadOnlyList<string> CheckpointPaths { get; init; } = Array.Empty<string>();
+
     internal PresetPipeline(PresetSpec preset, RestorationTask task, RestorationPipeline pipeline, double upscale)
     {
         Preset = preset; Task = task; Pipeline = pipeline; Upscale = upscale;
@@ -188,9 +191,21 @@ public static class Presets
             "custom" => BuildCustom(preset, task, weightsDir, o),
             _ => BuildOfficial(preset, task, weightsDir, o),
         };
+        if (o.Device is { } device && device.type != DeviceType.CPU)
+        {
+            pipe.Cleaner.Network.to(device);
+            pipe.Cldm.to(device);
+        }
         if (o.Precision != Precision.Fp32)
             pipe.Cldm.CastDtype(o.Precision == Precision.Fp16 ? ScalarType.Float16 : ScalarType.BFloat16);
-        return new PresetPipeline(preset, task, pipe, o.Upscale);
+        var vocab = Path.Combine(weightsDir, BpeVocabFile);
+        IEnumerable<string> files = preset.Name switch
+        {
+            "tiny" => new[] { vocab }.Where(File.Exists),
+            "custom" => new[] { o.Custom!.SdPath, o.Custom.CleanerPath, o.Custom.ControlNetPath, vocab },
+            _ => WeightsManifest.Load(FindManifest()).FilesFor(preset.Name, TaskName(task)).Select(f => Path.Combine(weightsDir, f.File)),
+        };
+        return new PresetPipeline(preset, task, pipe, o.Upscale) { CheckpointPaths = files.ToList() };
     }
 
     static ClipTokenizer Tokenizer(string weightsDir, string preset)
@@ -254,7 +269,11 @@ public static class Presets
 
     static RestorationPipeline BuildTiny(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions o)
     {
-        var cldm = new ControlLDM(ControlLdmConfig.FromJson(JsonNode.Parse(TinyCldmJson)!), Tokenizer(weightsDir, "tiny"));
+        // Random weights: real BPE ids are not needed, so without the vocabulary the byte-level tokenizer stands in
+        // (the tiny preset must run on a fresh machine with an empty weights/ folder).
+        var vocab = Path.Combine(weightsDir, BpeVocabFile);
+        var tokenizer = File.Exists(vocab) ? new ClipTokenizer(vocab) : ClipTokenizer.ByteLevel();
+        var cldm = new ControlLDM(ControlLdmConfig.FromJson(JsonNode.Parse(TinyCldmJson)!), tokenizer);
         var cleaner = MakeCleaner(preset.Cleaners[task].Kind, o.Upscale, tiny: true);
         RandomInit(cldm, o.TinySeed);
         RandomInit(cleaner.Network, o.TinySeed + 1);

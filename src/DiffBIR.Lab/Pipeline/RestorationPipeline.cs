@@ -110,6 +110,9 @@ public sealed class RestorationPipeline : IDisposable
     /// <summary>Called after each sampler step (return false to cancel).</summary>
     public Func<StepInfo, bool>? StepObserver { get; set; }
 
+    /// <summary>Where the networks live (the device of the UNet's first parameter); inputs are moved there.</summary>
+    public Device Device => Cldm.unet.parameters().First().device;
+
     public RestorationPipeline(Cleaner cleaner, ControlLDM cldm, NoiseSchedule schedule)
     {
         Cleaner = cleaner; Cldm = cldm; Schedule = schedule;
@@ -129,7 +132,7 @@ public sealed class RestorationPipeline : IDisposable
         _notes = new List<string>();
         using var _ng = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        var lq = lqUint8Nhwc.to(ScalarType.Float32).div(255.0).clamp(0, 1).permute(0, 3, 1, 2).contiguous();
+        var lq = lqUint8Nhwc.to(ScalarType.Float32).div(255.0).clamp(0, 1).permute(0, 3, 1, 2).contiguous().to(Device);
         var (oh, ow) = Cleaner.OutputSize(lq.shape[2], lq.shape[3]);
         if (o.CleanerTiled && !Cleaner.TilingApplies(lq, true, o.CleanerTileSize))
             Note($"[{Cleaner.Kind}]: the input size is tiny and unnecessary to tile.");
@@ -191,7 +194,7 @@ public sealed class RestorationPipeline : IDisposable
         try
         {
             Tensor xT;
-            using (var like = torch.empty(new[] { bs, 4L, h2, w2 }, ScalarType.Float32))
+            using (var like = torch.empty(new[] { bs, 4L, h2, w2 }, ScalarType.Float32, cImgForSampling.device))
             {
                 if (o.StartPointType == StartPoint.Cond)
                 {

@@ -13,7 +13,7 @@ public sealed class Decode
 {
     readonly Func<Tensor, Tensor> _decode;
 
-    public Decode(ControlLDM model) : this(model.VaeDecode) { }
+    public Decode(ControlLDM model) : this(z => model.VaeDecode(z)) { }
 
     public Decode(Func<Tensor, Tensor> decoder) => _decode = decoder;
 

@@ -28,7 +28,7 @@ public static class GuideStage
         var target = Encode.Target(restored);
         return new Guide(guidance, target)
         {
-            Decode = decoder ?? model.VaeDecode,
+            Decode = decoder ?? (z => model.VaeDecode(z)),
             EncodeTarget = guidance.Space == GuidanceSpace.Latent ? t => EncodeSampled(model, t, noise) : null,
         };
     }

@@ -44,7 +44,16 @@ public sealed class ClipTokenizer
     public int VocabSize => _encoder.Count;
 
     /// <param name="bpePath">bpe_simple_vocab_16e6.txt.gz (gzip of UTF-8 lines "a b"; line 0 is a version header).</param>
-    public ClipTokenizer(string bpePath)
+    public ClipTokenizer(string bpePath) : this(ReadMerges(bpePath)) { }
+
+    /// <summary>
+    /// A tokenizer without BPE merges: every character is its own token (byte-level symbols, word ends marked). Only
+    /// for networks with random weights (the tiny preset) when bpe_simple_vocab_16e6.txt.gz is not at hand: the ids are
+    /// valid (&lt; 49408) and deterministic, but they are NOT the ids a trained OpenCLIP expects.
+    /// </summary>
+    public static ClipTokenizer ByteLevel() => new(new List<string[]>());
+
+    static List<string[]> ReadMerges(string bpePath)
     {
         if (!File.Exists(bpePath))
             throw new FileNotFoundException($"{bpePath}: CLIP BPE vocabulary not found (bpe_simple_vocab_16e6.txt.gz from the DiffBIR/open_clip sources; see weights/README.md)", bpePath);
@@ -58,7 +67,11 @@ public sealed class ClipTokenizer
         if (merges.Count != MergeCount || merges.Any(m => m.Length != 2))
             throw new InvalidDataException($"{bpePath}: expected {MergeCount} merge lines of two symbols after the header, found {merges.Count} lines" +
                                            (merges.FirstOrDefault(m => m.Length != 2) is { } bad ? $" (a bad one: '{string.Join(' ', bad)}')" : ""));
+        return merges;
+    }
 
+    ClipTokenizer(List<string[]> merges)
+    {
         var vocab = new List<string>(49408);
         var symbols = BytesToUnicode().Select(p => p.Symbol.ToString()).ToList();
         vocab.AddRange(symbols);

@@ -1,0 +1,355 @@
+using System.ComponentModel;
+using System.Globalization;
+using System.Security.Cryptography;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using DiffBIR.Lab.Guidance;
+using DiffBIR.Lab.IO;
+using DiffBIR.Lab.Pipeline;
+using Spectre.Console;
+using Spectre.Console.Cli;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DiffBIR.Lab.Cli.Commands;
+
+public sealed class RestoreSettings : CommandSettings
+{
+    [CommandOption("-i|--input <PATH>")] [Description("An image file or a folder of images (PNG, JPEG, BMP, TIFF, WebP).")]
+    public string Input { get; set; } = "";
+    [CommandOption("-o|--output <DIR>")] [Description("Where restored images and their manifests go.")]
+    public string Output { get; set; } = "";
+    [CommandOption("--task <TASK>")] [Description("sr (blind super-resolution), face (aligned faces) or denoise. Default sr.")]
+    public string Task { get; set; } = "sr";
+    [CommandOption("--version|--preset <PRESET>")] [Description("v1, v2, v2.1, tiny or custom. Default: v2.1 when its weights are present, else tiny.")]
+    public string? Preset { get; set; }
+    [CommandOption("--upscale <X>")] [Description("Output scale relative to the input (default 4 for sr, 1 otherwise).")]
+    public double? Upscale { get; set; }
+    [CommandOption("--weights <DIR>")] [Description("The weights folder (default weights/).")]
+    public string Weights { get; set; } = "weights";
+    [CommandOption("--sd-ckpt <FILE>")] [Description("custom preset: the Stable Diffusion checkpoint.")]
+    public string? SdCkpt { get; set; }
+    [CommandOption("--cleaner-ckpt <FILE>")] [Description("custom preset: the stage-1 checkpoint (SwinIR).")]
+    public string? CleanerCkpt { get; set; }
+    [CommandOption("--controlnet-ckpt <FILE>")] [Description("custom preset: the IRControlNet checkpoint.")]
+    public string? ControlNetCkpt { get; set; }
+
+    [CommandOption("--sampler <NAME>")] [Description("spaced, ddim, dpm++_m2, edm_euler, edm_euler_a, edm_heun, edm_dpm_2, edm_dpm_2_a, edm_lms, edm_dpm++_2s_a, edm_dpm++_sde, edm_dpm++_2m, edm_dpm++_2m_sde, edm_dpm++_3m_sde (default).")]
+    public string Sampler { get; set; } = "edm_dpm++_3m_sde";
+    [CommandOption("--steps <N>")] public int Steps { get; set; } = 10;
+    [CommandOption("--cfg <SCALE>")] [Description("Classifier-free guidance scale (default 6).")]
+    public double Cfg { get; set; } = 6.0;
+    [CommandOption("--rescale-cfg")] public bool RescaleCfg { get; set; }
+    [CommandOption("--pos-prompt <TEXT>")] public string PosPrompt { get; set; } = PipelineOptions.DefaultPosPrompt;
+    [CommandOption("--neg-prompt <TEXT>")] public string NegPrompt { get; set; } = PipelineOptions.DefaultNegPrompt;
+    [CommandOption("--strength <S>")] [Description("Control strength (default 1).")]
+    public double Strength { get; set; } = 1.0;
+    [CommandOption("--noise-aug <T>")] public int NoiseAug { get; set; }
+    [CommandOption("--start-point <KIND>")] [Description("noise (default) or cond.")]
+    public string StartPoint { get; set; } = "noise";
+    [CommandOption("--s-churn <X>")] public double SChurn { get; set; }
+    [CommandOption("--s-tmin <X>")] public double STmin { get; set; }
+    [CommandOption("--s-tmax <X>")] public double STmax { get; set; } = 300;
+    [CommandOption("--s-noise <X>")] public double SNoise { get; set; } = 1;
+    [CommandOption("--eta <X>")] public double Eta { get; set; } = 1;
+    [CommandOption("--order <N>")] public int Order { get; set; } = 1;
+
+    [CommandOption("--guidance <KIND>")] [Description("Restoration guidance: none (default), mse or wmse (region-adaptive, W = 1 − G(I_RM)).")]
+    public string Guidance { get; set; } = "none";
+    [CommandOption("--g-scale <S>")] [Description("Guidance scale s (official convention: the gradient is multiplied by s·3000).")]
+    public double GScale { get; set; } = 0.0;
+    [CommandOption("--g-start <T>")] public int GStart { get; set; } = 1001;
+    [CommandOption("--g-stop <T>")] public int GStop { get; set; } = -1;
+    [CommandOption("--g-space <SPACE>")] [Description("rgb (default) or latent.")]
+    public string GSpace { get; set; } = "rgb";
+    [CommandOption("--g-repeat <N>")] public int GRepeat { get; set; } = 1;
+    [CommandOption("--g-patch <P>")] [Description("Gradient-map patch size for wmse (official 2).")]
+    public int GPatch { get; set; } = 2;
+    [CommandOption("--g-schedule <SPEC>")] [Description("constant (default), linear:A:B, cosine:A:B (A at t=999, B at t=0) or piecewise:T=S,T=S,…")]
+    public string GSchedule { get; set; } = "constant";
+
+    [CommandOption("--cleaner-tiled")] public bool CleanerTiled { get; set; }
+    [CommandOption("--cleaner-tile-size <N>")] public int CleanerTileSize { get; set; } = 512;
+    [CommandOption("--cleaner-tile-stride <N>")] public int CleanerTileStride { get; set; } = 256;
+    [CommandOption("--vae-encoder-tiled")] public bool VaeEncoderTiled { get; set; }
+    [CommandOption("--vae-encoder-tile-size <N>")] public int VaeEncoderTileSize { get; set; } = 256;
+    [CommandOption("--vae-decoder-tiled")] public bool VaeDecoderTiled { get; set; }
+    [CommandOption("--vae-decoder-tile-size <N>")] public int VaeDecoderTileSize { get; set; } = 256;
+    [CommandOption("--cldm-tiled")] public bool CldmTiled { get; set; }
+    [CommandOption("--cldm-tile-size <N>")] public int CldmTileSize { get; set; } = 512;
+    [CommandOption("--cldm-tile-stride <N>")] public int CldmTileStride { get; set; } = 256;
+
+    [CommandOption("--precision <P>")] [Description("fp32 (default), fp16 or bf16.")]
+    public string Precision { get; set; } = "fp32";
+    [CommandOption("--device <D>")] [Description("cpu (default) or cuda.")]
+    public string Device { get; set; } = "cpu";
+    [CommandOption("--seed <N>")] public long Seed { get; set; } = 231;
+    [CommandOption("--n-samples <N>")] [Description("Restorations per image (seeds seed, seed+1, …).")]
+    public int NSamples { get; set; } = 1;
+    [CommandOption("--batch-size <N>")] [Description("Accepted for compatibility with the official CLI; images are processed one at a time.")]
+    public int BatchSize { get; set; } = 1;
+    [CommandOption("--force")] [Description("Re-run even when an output with the same manifest exists.")]
+    public bool Force { get; set; }
+
+    public override ValidationResult Validate()
+    {
+        if (string.IsNullOrWhiteSpace(Input)) return ValidationResult.Error("--input is required");
+        if (string.IsNullOrWhiteSpace(Output)) return ValidationResult.Error("--output is required");
+        if (Steps < 1) return ValidationResult.Error("--steps must be ≥ 1");
+        if (NSamples < 1) return ValidationResult.Error("--n-samples must be ≥ 1");
+        if (Guidance is not ("none" or "mse" or "wmse")) return ValidationResult.Error("--guidance must be none, mse or wmse");
+        if (GSpace is not ("rgb" or "latent")) return ValidationResult.Error("--g-space must be rgb or latent");
+        if (StartPoint is not ("noise" or "cond")) return ValidationResult.Error("--start-point must be noise or cond");
+        if (Precision is not ("fp32" or "fp16" or "bf16")) return ValidationResult.Error("--precision must be fp32, fp16 or bf16");
+        return ValidationResult.Success();
+    }
+}
+
+/// <summary>
+/// <c>diffbir-lab restore</c>: restores an image or a folder with any preset and every official knob. Each output
+/// gets a JSON manifest beside it (settings, seed, preset, SHA-256 of every checkpoint and of the input, versions,
+/// device, time); an output whose manifest matches is skipped on a re-run; Ctrl+C stops after the current step and
+/// leaves no partial file (every write is a temporary file renamed into place).
+/// </summary>
+public sealed class RestoreCommand : Command<RestoreSettings>
+{
+    static readonly string[] ImageExtensions = { ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp" };
+
+    public override int Execute(CommandContext context, RestoreSettings s, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); AnsiConsole.MarkupLine("[yellow]stopping after the current step…[/]"); };
+        Console.CancelKeyPress += onCancel;
+        try { return Run(s, cts.Token); }
+        finally { Console.CancelKeyPress -= onCancel; }
+    }
+
+    static IReadOnlyList<string> Inputs(string input)
+    {
+        if (File.Exists(input)) return new[] { input };
+        if (Directory.Exists(input))
+            return Directory.EnumerateFiles(input).Where(f => ImageExtensions.Contains(Path.GetExtension(f).ToLowerInvariant()))
+                .OrderBy(f => f, StringComparer.Ordinal).ToList();
+        throw new FileNotFoundException($"{input}: no such file or folder");
+    }
+
+    static string ChoosePreset(RestoreSettings s)
+    {
+        if (s.Preset != null) return s.Preset;
+        var manifest = Path.Combine(s.Weights, "manifest.json");
+        if (File.Exists(manifest))
+        {
+            var m = DiffBIR.Lab.Weights.WeightsManifest.Load(manifest);
+            foreach (var p in new[] { "v2.1", "v2", "v1" })
+                if (m.Missing(s.Weights, p, s.Task).Count == 0) return p;
+        }
+        return "tiny";
+    }
+
+    /// <summary>The guidance of the settings, or null (official default: none).</summary>
+    internal static RestorationGuidance? MakeGuidance(RestoreSettings s)
+    {
+        if (s.Guidance == "none") return null;
+        var schedule = ParseSchedule(s.GSchedule, s.GScale);
+        var space = s.GSpace == "latent" ? GuidanceSpace.Latent : GuidanceSpace.Rgb;
+        return s.Guidance == "mse"
+            ? new MseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule }
+            : new WeightedMseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule, PatchSize = s.GPatch };
+    }
+
+    /// <summary>"constant", "linear:A:B", "cosine:A:B", "piecewise:T=S,T=S".</summary>
+    internal static GuidanceSchedule? ParseSchedule(string spec, double scale)
+    {
+        static double D(string x) => double.Parse(x, CultureInfo.InvariantCulture);
+        var parts = spec.Split(':');
+        try
+        {
+            return parts[0] switch
+            {
+                "constant" => null,
+                "linear" when parts.Length == 3 => GuidanceSchedule.Linear(D(parts[1]), D(parts[2])),
+                "cosine" when parts.Length == 3 => GuidanceSchedule.Cosine(D(parts[1]), D(parts[2])),
+                "piecewise" when parts.Length == 2 => GuidanceSchedule.Piecewise(parts[1].Split(',')
+                    .Select(p => p.Split('=')).Select(kv => (int.Parse(kv[0], CultureInfo.InvariantCulture), D(kv[1]))).ToArray()),
+                _ => throw new FormatException(),
+            };
+        }
+        catch (Exception e) when (e is FormatException or IndexOutOfRangeException)
+        {
+            throw new ArgumentException($"--g-schedule '{spec}': expected constant, linear:A:B, cosine:A:B or piecewise:T=S,T=S,…");
+        }
+    }
+
+    int Run(RestoreSettings s, CancellationToken ct)
+    {
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        var inputs = Inputs(s.Input);
+        if (inputs.Count == 0) { AnsiConsole.MarkupLine($"[yellow]no images in {Markup.Escape(s.Input)}[/]"); return 0; }
+        Directory.CreateDirectory(s.Output);
+        var presetName = ChoosePreset(s);
+        var task = Presets.ParseTask(s.Task);
+        double upscale = s.Upscale ?? (task == RestorationTask.Sr ? 4 : 1);
+        var device = s.Device == "cuda" ? torch.CUDA : torch.CPU;
+        if (s.Device == "cuda" && !torch.cuda.is_available())
+            throw new ArgumentException("--device cuda: CUDA is not available to TorchSharp here (see README, 'Using a GPU')");
+
+        var build = new BuildOptions
+        {
+            Upscale = upscale,
+            Precision = s.Precision switch { "fp16" => Precision.Fp16, "bf16" => Precision.Bf16, _ => Precision.Fp32 },
+            Device = device,
+            Custom = presetName == "custom"
+                ? new CustomCheckpoints(s.SdCkpt ?? throw new ArgumentException("custom preset: --sd-ckpt is required"),
+                                        s.CleanerCkpt ?? throw new ArgumentException("custom preset: --cleaner-ckpt is required"),
+                                        s.ControlNetCkpt ?? throw new ArgumentException("custom preset: --controlnet-ckpt is required"))
+                : null,
+        };
+        AnsiConsole.MarkupLine($"preset [bold]{presetName}[/], task {s.Task}, ×{upscale}, sampler {Markup.Escape(s.Sampler)} {s.Steps} steps, cfg {s.Cfg}, guidance {s.Guidance}, {s.Precision} on {s.Device}");
+        if (presetName == "tiny") AnsiConsole.MarkupLine("[yellow]tiny preset: random fixture-sized networks, NOT a trained model — outputs only exercise the pipeline[/]");
+
+        using var preset = Presets.Build(presetName, s.Task, s.Weights, build);
+        var checkpoints = CheckpointHashes(preset, s, presetName);
+        var guidance = MakeGuidance(s);
+        var settings = SettingsJson(s, presetName, upscale);
+
+        int failed = 0, done = 0, skipped = 0;
+        AnsiConsole.Progress().AutoClear(false).HideCompleted(false)
+            .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn())
+            .Start(pctx =>
+            {
+                var all = pctx.AddTask("all images", maxValue: inputs.Count * s.NSamples);
+                foreach (var file in inputs)
+                {
+                    for (int k = 0; k < s.NSamples; k++)
+                    {
+                        if (ct.IsCancellationRequested) return;
+                        var stem = Path.GetFileNameWithoutExtension(file) + (s.NSamples > 1 ? $"_{k}" : "");
+                        var outPng = Path.Combine(s.Output, stem + ".png");
+                        var outJson = Path.Combine(s.Output, stem + ".json");
+                        var imageTask = pctx.AddTask(Markup.Escape(stem), maxValue: s.Steps);
+                        try
+                        {
+                            var inputSha = Sha256(file);
+                            var seed = s.Seed + k;
+                            var key = SkipKey(settings, inputSha, seed, checkpoints);
+                            if (!s.Force && File.Exists(outPng) && File.Exists(outJson) && SameKey(outJson, key))
+                            {
+                                skipped++; imageTask.Description = Markup.Escape(stem) + " [grey](up to date, skipped)[/]";
+                                imageTask.Value = imageTask.MaxValue; all.Increment(1); continue;
+                            }
+                            var t0 = System.Diagnostics.Stopwatch.StartNew();
+                            using var scope = torch.NewDisposeScope();
+                            using var loaded = ImageIO.Load(file);
+                            foreach (var n in loaded.Info.Notices) AnsiConsole.MarkupLine($"[grey]{Markup.Escape(Path.GetFileName(file))}: {Markup.Escape(n)}[/]");
+                            // The official code feeds uint8 HWC; 8-bit sources round-trip exactly, 16-bit ones are rounded to 8 bits.
+                            var lq = ImageIO.ToUInt8(loaded.Image, Quantization.Round);
+                            preset.Pipeline.StepObserver = info => { imageTask.Increment(1); return !ct.IsCancellationRequested; };
+                            var options = new PipelineOptions
+                            {
+                                Steps = s.Steps, Strength = s.Strength, Sampler = s.Sampler, CfgScale = s.Cfg, RescaleCfg = s.RescaleCfg,
+                                PosPrompt = s.PosPrompt, NegPrompt = s.NegPrompt, NoiseAug = s.NoiseAug,
+                                StartPointType = s.StartPoint == "cond" ? Pipeline.StartPoint.Cond : Pipeline.StartPoint.Noise,
+                                SChurn = s.SChurn, STmin = s.STmin, STmax = s.STmax, SNoise = s.SNoise, Eta = s.Eta, Order = s.Order,
+                                CleanerTiled = s.CleanerTiled, CleanerTileSize = s.CleanerTileSize, CleanerTileStride = s.CleanerTileStride,
+                                VaeEncoderTiled = s.VaeEncoderTiled, VaeEncoderTileSize = s.VaeEncoderTileSize,
+                                VaeDecoderTiled = s.VaeDecoderTiled, VaeDecoderTileSize = s.VaeDecoderTileSize,
+                                CldmTiled = s.CldmTiled, CldmTileSize = s.CldmTileSize, CldmTileStride = s.CldmTileStride,
+                                Seed = seed, Guidance = guidance,
+                            };
+                            using var result = preset.Restore(lq, options);
+                            ImageIO.Save(outPng, result.Image);
+                            var manifest = new JsonObject
+                            {
+                                ["output"] = Path.GetFileName(outPng),
+                                ["input"] = Path.GetFullPath(file),
+                                ["input_sha256"] = inputSha,
+                                ["input_info"] = $"{loaded.Info.Format} {loaded.Info.Width}×{loaded.Info.Height} {loaded.Info.BitDepth}-bit",
+                                ["notices"] = new JsonArray(loaded.Info.Notices.Concat(result.Notes).Select(x => (JsonNode)x!).ToArray()),
+                                ["seed"] = seed,
+                                ["settings"] = JsonNode.Parse(settings.ToJsonString()),
+                                ["checkpoints"] = JsonNode.Parse(JsonSerializer.Serialize(checkpoints)),
+                                ["not_a_trained_model"] = result.NotATrainedModel,
+                                ["output_size"] = $"{result.Image.shape[2]}×{result.Image.shape[1]}",
+                                ["versions"] = new JsonObject
+                                {
+                                    ["diffbir_lab"] = typeof(RestorationPipeline).Assembly.GetName().Version?.ToString(),
+                                    ["torchsharp"] = typeof(torch).Assembly.GetName().Version?.ToString(),
+                                    ["dotnet"] = Environment.Version.ToString(),
+                                },
+                                ["device"] = s.Device, ["precision"] = s.Precision,
+                                ["elapsed_seconds"] = Math.Round(t0.Elapsed.TotalSeconds, 3),
+                                ["date"] = DateTime.UtcNow.ToString("o", CultureInfo.InvariantCulture),
+                                ["skip_key"] = key,
+                            };
+                            AtomicFile.WriteAllText(outJson, manifest.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+                            done++;
+                            imageTask.Value = imageTask.MaxValue;
+                            imageTask.Description = Markup.Escape(stem) + $" [green]{t0.Elapsed.TotalSeconds:F1}s[/]";
+                        }
+                        catch (OperationCanceledException) { imageTask.Description = Markup.Escape(stem) + " [yellow](cancelled)[/]"; return; }
+                        catch (Exception e) when (e is ImageFileException or IOException or ArgumentException or InvalidOperationException)
+                        {
+                            failed++;
+                            imageTask.StopTask();
+                            imageTask.Description = Markup.Escape(stem) + " [red](failed)[/]";
+                            AnsiConsole.MarkupLine($"[red]error:[/] {Markup.Escape(e.Message)}{OomHint(e)}");
+                        }
+                        finally { all.Increment(1); }
+                    }
+                }
+            });
+        AnsiConsole.MarkupLine($"{done} restored, {skipped} up to date, {failed} failed in {sw.Elapsed.TotalSeconds:F1}s → {Markup.Escape(Path.GetFullPath(s.Output))}");
+        if (ct.IsCancellationRequested) return 130;
+        return failed == 0 ? 0 : 1;
+    }
+
+    static string OomHint(Exception e) =>
+        e.Message.Contains("out of memory", StringComparison.OrdinalIgnoreCase) || e.Message.Contains("alloc", StringComparison.OrdinalIgnoreCase)
+            ? " — out of memory: try --cldm-tiled --vae-encoder-tiled --vae-decoder-tiled (and --cleaner-tiled), or --precision fp16"
+            : "";
+
+    static string Sha256(string path)
+    {
+        using var fs = File.OpenRead(path);
+        return Convert.ToHexStringLower(SHA256.HashData(fs));
+    }
+
+    /// <summary>SHA-256 of every checkpoint the preset loaded (tiny: none — random weights, named as such).</summary>
+    static SortedDictionary<string, string> CheckpointHashes(PresetPipeline preset, RestoreSettings s, string presetName)
+    {
+        var result = new SortedDictionary<string, string>(StringComparer.Ordinal);
+        foreach (var path in preset.CheckpointPaths)
+            result[Path.GetFileName(path)] = Sha256(path);
+        if (result.Count == 0) result["(none)"] = presetName == "tiny" ? "random weights (tiny preset, seeded)" : "none";
+        return result;
+    }
+
+    static JsonObject SettingsJson(RestoreSettings s, string preset, double upscale) => new()
+    {
+        ["preset"] = preset, ["task"] = s.Task, ["upscale"] = upscale,
+        ["sampler"] = s.Sampler, ["steps"] = s.Steps, ["cfg"] = s.Cfg, ["rescale_cfg"] = s.RescaleCfg,
+        ["pos_prompt"] = s.PosPrompt, ["neg_prompt"] = s.NegPrompt, ["strength"] = s.Strength, ["noise_aug"] = s.NoiseAug,
+        ["start_point"] = s.StartPoint, ["s_churn"] = s.SChurn, ["s_tmin"] = s.STmin, ["s_tmax"] = s.STmax, ["s_noise"] = s.SNoise,
+        ["eta"] = s.Eta, ["order"] = s.Order,
+        ["guidance"] = s.Guidance, ["g_scale"] = s.GScale, ["g_start"] = s.GStart, ["g_stop"] = s.GStop, ["g_space"] = s.GSpace,
+        ["g_repeat"] = s.GRepeat, ["g_patch"] = s.GPatch, ["g_schedule"] = s.GSchedule,
+        ["cleaner_tiled"] = s.CleanerTiled, ["cleaner_tile_size"] = s.CleanerTileSize, ["cleaner_tile_stride"] = s.CleanerTileStride,
+        ["vae_encoder_tiled"] = s.VaeEncoderTiled, ["vae_encoder_tile_size"] = s.VaeEncoderTileSize,
+        ["vae_decoder_tiled"] = s.VaeDecoderTiled, ["vae_decoder_tile_size"] = s.VaeDecoderTileSize,
+        ["cldm_tiled"] = s.CldmTiled, ["cldm_tile_size"] = s.CldmTileSize, ["cldm_tile_stride"] = s.CldmTileStride,
+        ["precision"] = s.Precision, ["device"] = s.Device,
+    };
+
+    /// <summary>What makes an output reusable: settings, input bytes, seed and checkpoint bytes.</summary>
+    static string SkipKey(JsonObject settings, string inputSha, long seed, SortedDictionary<string, string> checkpoints)
+    {
+        var text = settings.ToJsonString() + "|" + inputSha + "|" + seed + "|" + string.Join(",", checkpoints.Select(kv => kv.Key + "=" + kv.Value));
+        return Convert.ToHexStringLower(SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(text)));
+    }
+
+    static bool SameKey(string manifestPath, string key)
+    {
+        try { return (string?)JsonNode.Parse(File.ReadAllText(manifestPath))?["skip_key"] == key; }
+        catch (JsonException) { return false; }
+    }
+}
