@@ -53,13 +53,14 @@ let ``parity exits non-zero when a case is not implemented and zero when all pas
     out2 |> should haveSubstring "2 passed, 0 failed, 0 not implemented"
 
 [<Fact>]
-let ``the demo writes its images and a manifest`` () =
+let ``the demo restores a degraded test card with the tiny preset when no weights are present`` () =
     use dir = new TempDir()
     let code, out = run [ "demo"; "--fixtures"; fixture "checkpoints"; "--output"; dir.Path; "--weights"; dir.File "none" ]
-    code |> should equal 0
-    out |> should haveSubstring "not implemented yet"
-    File.Exists(dir.File "testcard.png") |> should be True
-    File.ReadAllText(dir.File "manifest.json") |> should haveSubstring "\"restoration\""
+    Assert.True((code = 0), out)
+    out |> should haveSubstring "NOT a trained model"
+    File.Exists(dir.File "restored/testcard_lq.png") |> should be True
+    File.Exists(dir.File "restored/testcard_lq.json") |> should be True
+    File.ReadAllText(dir.File "manifest.json") |> should haveSubstring "\"restore_exit_code\": 0"
 
 [<Fact>]
 let ``the weights manifest names a URL and loader for every file each preset needs`` () =
