@@ -91,3 +91,11 @@ let ``guidance options reach the pipeline: wmse with a patch size and a schedule
     let m = JsonNode.Parse(File.ReadAllText(dir.File "out/a.json"))
     m.["settings"].["guidance"].GetValue<string>() |> should equal "wmse"
     m.["settings"].["g_patch"].GetValue<int>() |> should equal 4
+
+[<Fact>]
+let ``consecutive tiny restorations in one process leave no native tensors behind`` () =
+    let samples = DiffBIR.Lab.Cli.Commands.BenchMemoryCommand.Measure(6, 16, 2)
+    for s in samples do printfn "run %d: RSS %.1f MiB, live tensors %d" s.Run (float s.RssBytes / 1048576.0) s.LiveTensors
+    let counts = samples |> List.ofSeq |> List.map (fun s -> s.LiveTensors)
+    // the count after every run is the same: nothing accumulates across runs
+    counts |> List.distinct |> List.length |> should equal 1
