@@ -14,7 +14,8 @@ namespace DiffBIR.Lab.Cli
     {
         /// <summary>Errors caused by the user's input: shown as one clear line, not a stack trace.</summary>
         public static bool IsUserError(Exception e) =>
-            e is CheckpointException or ImageFileException or FileNotFoundException or DirectoryNotFoundException or UnauthorizedAccessException;
+            e is CheckpointException or ImageFileException or FileNotFoundException or DirectoryNotFoundException or UnauthorizedAccessException
+            or ArgumentException or DiffBIR.Lab.Weights.WeightsFetchException or OperationCanceledException;
     }
 
     static class Fmt
