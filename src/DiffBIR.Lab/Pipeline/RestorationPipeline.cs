@@ -232,7 +232,7 @@ public sealed class RestorationPipeline : IDisposable
             var sampler = Samplers.Create(o.Sampler, Schedule, o.SamplerOptions);
             Tensor zFull;
             using (var run = sampler.Start(xT, o.Steps, noise))
-                zFull = SamplingLoop.Run(run, cfg, guide, StepObserver) ?? throw new OperationCanceledException("sampling cancelled by the observer");
+                zFull = SamplingLoop.Run(run, cfg, guide, StepObserver, z => Cldm.VaeDecode(z)) ?? throw new OperationCanceledException("sampling cancelled by the observer");
             // the run's result belongs to us and lives outside any scope: keep the crop, free the handle
             var z = zFull[.., .., ..(int)h1, ..(int)w1].clone();
             zFull.Dispose();

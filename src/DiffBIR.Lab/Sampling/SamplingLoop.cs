@@ -9,6 +9,8 @@ namespace DiffBIR.Lab.Sampling;
 /// What an observer sees after each sampler step's main model evaluation: the step, the model timestep t, z_t, x̂₀
 /// (after guidance where it was applied), the guidance loss and the norm of its latent gradient Δ.
 /// </summary>
+/// <remarks>The loop runs each step in a TorchSharp DisposeScope: these tensors, and any an observer makes, are freed
+/// when the step ends. Call <c>DetachFromDisposeScope()</c> on a tensor to keep it past the step.</remarks>
 public sealed record StepInfo(int Step, int Timestep, Tensor Zt, Tensor PredictedX0, bool GuidanceApplied, double? GuidanceLoss, double? GradientNorm)
 {
     /// <summary>The combined (CFG) model output of the step (ε for the spaced sampler).</summary>
