@@ -83,6 +83,17 @@ public sealed class ControlLDM : nn.Module, IDenoiser
         return (unused, missing);
     }
 
+    /// <summary>
+    /// Loads all four components strictly from their own state dicts (ControlLDM-level keys split by component, as
+    /// the fixtures and our own checkpoints store them); <paramref name="weightsOf"/> maps "unet", "vae", "clip",
+    /// "controlnet" to a state dict.
+    /// </summary>
+    public void LoadComponents(Func<string, IReadOnlyDictionary<string, Tensor>> weightsOf, string sourceName = "weights")
+    {
+        foreach (var (name, module) in new (string, nn.Module)[] { ("unet", unet), ("vae", vae), ("clip", clip), ("controlnet", controlnet) })
+            StateDictLoader.Load(module, weightsOf(name), strict: true, sourceName: $"{sourceName}.{name}");
+    }
+
     /// <summary>Loads IRControlNet weights strictly (official <c>load_controlnet_from_ckpt</c>).</summary>
     public LoadReport LoadControlNet(IReadOnlyDictionary<string, Tensor> sd, string sourceName = "ControlNet checkpoint") =>
         StateDictLoader.Load(controlnet, sd, strict: true, sourceName: sourceName);

@@ -28,10 +28,7 @@ public sealed class E2eBsrV2Case : IParityCase
         var cfg = f.Config!;
         var tokenizer = new ClipTokenizer(Path.Combine(Path.GetDirectoryName(f.Path)!, "bpe_simple_vocab_16e6.txt.gz"));
         var cldm = new ControlLDM(ControlLdmConfig.FromJson(cfg["cldm"]!), tokenizer);
-        StateDictLoader.Load(cldm.unet, f.Weights("unet"), sourceName: "weights.unet");
-        StateDictLoader.Load(cldm.vae, f.Weights("vae"), sourceName: "weights.vae");
-        StateDictLoader.Load(cldm.clip, f.Weights("clip"), sourceName: "weights.clip");
-        StateDictLoader.Load(cldm.controlnet, f.Weights("controlnet"), sourceName: "weights.controlnet");
+        cldm.LoadComponents(name => f.Weights(name), f.Path);
         cldm.AttentionMode = AttentionMode.Vanilla;
         cldm.eval();
         var net = new RRDBNet(RRDBNetConfig.FromJson(cfg["cleaner"]!));
@@ -121,10 +118,7 @@ public sealed class V2PipelineCase : IParityCase
         var cfg = f.Config!;
         var vocab = Path.Combine(Path.GetDirectoryName(Path.GetDirectoryName(f.Path)!)!, "bpe_simple_vocab_16e6.txt.gz");
         var cldm = new ControlLDM(ControlLdmConfig.FromJson(cfg["ControlLDM"]!), new ClipTokenizer(vocab));
-        StateDictLoader.Load(cldm.unet, f.Weights("unet"), sourceName: "weights.unet");
-        StateDictLoader.Load(cldm.vae, f.Weights("vae"), sourceName: "weights.vae");
-        StateDictLoader.Load(cldm.clip, f.Weights("clip"), sourceName: "weights.clip");
-        StateDictLoader.Load(cldm.controlnet, f.Weights("controlnet"), sourceName: "weights.controlnet");
+        cldm.LoadComponents(name => f.Weights(name), f.Path);
         cldm.AttentionMode = AttentionMode.Vanilla;
         cldm.eval();
         var bsr = new RRDBNet(RRDBNetConfig.FromJson(cfg["RRDBNet"]!));
