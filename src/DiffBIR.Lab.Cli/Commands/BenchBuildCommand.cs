@@ -87,7 +87,7 @@ public sealed class BenchBuildCommand : Command<BenchBuildSettings>
 
     static string Gb(long bytes) => (bytes / (1024.0 * 1024 * 1024)).ToString("0.00", CultureInfo.InvariantCulture) + " GiB";
 
-    static long Rss() => StatusKb("VmRSS:") ?? Environment.WorkingSet;
+    internal static long Rss() => StatusKb("VmRSS:") ?? Environment.WorkingSet;
 
     static long PeakRss() => StatusKb("VmHWM:") ?? Process.GetCurrentProcess().PeakWorkingSet64;
 

@@ -37,7 +37,7 @@ public sealed class BenchMemoryCommand : Command<BenchMemorySettings>
             var sw = System.Diagnostics.Stopwatch.StartNew();
             using (var result = preset.Restore(lq, new PipelineOptions { Steps = steps, Sampler = "edm_dpm++_3m_sde", Seed = i })) { }
             GC.Collect(); GC.WaitForPendingFinalizers();
-            var s = new Sample(i, Rss(), DisposeScopeManager.Statistics.ThreadTotalLiveCount, sw.Elapsed.TotalSeconds);
+            var s = new Sample(i, BenchBuildCommand.Rss(), DisposeScopeManager.Statistics.ThreadTotalLiveCount, sw.Elapsed.TotalSeconds);
             samples.Add(s);
             report?.Invoke(s);
         }
@@ -54,13 +54,5 @@ public sealed class BenchMemoryCommand : Command<BenchMemorySettings>
         AnsiConsole.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"from run {first.Run} to run {last.Run}: RSS {(last.RssBytes - first.RssBytes) / 1048576.0:+0.0;-0.0} MiB, live tensors {last.LiveTensors - first.LiveTensors:+0;-0}"));
         return 0;
-    }
-
-    static long Rss()
-    {
-        foreach (var line in File.ReadLines("/proc/self/status"))
-            if (line.StartsWith("VmRSS:", StringComparison.Ordinal))
-                return long.Parse(line[6..].Trim().Split(' ')[0], CultureInfo.InvariantCulture) * 1024;
-        return Environment.WorkingSet;
     }
 }

@@ -195,7 +195,7 @@ public sealed class ControlNet : nn.Module<Tensor, Tensor, Tensor, Tensor, Contr
     /// <summary>Sets the attention implementation of every CrossAttention.</summary>
     public AttentionMode AttentionMode
     {
-        set { foreach (var (_, m) in named_modules()) if (m is CrossAttention a) a.Mode = value; }
+        set => SdNn.SetAttentionMode(this, value);
     }
 
     /// <summary>Official <c>ControlLDM.cast_dtype</c> for the ControlNet: blocks, zero convs (and the variants' convs); time_embed stays float32.</summary>

@@ -218,7 +218,7 @@ public sealed class UNetModel : nn.Module<Tensor, Tensor, Tensor, Tensor>
     /// <summary>Sets the attention implementation of every CrossAttention (the official global <c>Config.attn_mode</c>).</summary>
     public AttentionMode AttentionMode
     {
-        set { foreach (var (_, m) in named_modules()) if (m is CrossAttention a) a.Mode = value; }
+        set => SdNn.SetAttentionMode(this, value);
     }
 
     /// <summary>

@@ -28,6 +28,12 @@ public enum AttentionMode
 /// <summary>Helpers shared by the UNet and the ControlNet.</summary>
 public static class SdNn
 {
+    /// <summary>Sets the attention implementation of every CrossAttention below <paramref name="root"/> (the official global <c>Config.attn_mode</c>).</summary>
+    public static void SetAttentionMode(nn.Module root, AttentionMode mode)
+    {
+        foreach (var (_, m) in root.named_modules()) if (m is CrossAttention a) a.Mode = mode;
+    }
+
     /// <summary>
     /// Sinusoidal timestep embedding (official <c>util.timestep_embedding</c>, repeat_only=False), always float32:
     /// freqs = exp(−ln(10000)·i/half), i = 0…half−1; emb = [cos(t·freqs), sin(t·freqs)] — cosines FIRST.
