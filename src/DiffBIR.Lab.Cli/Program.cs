@@ -38,17 +38,22 @@ app.Configure(c =>
     c.PropagateExceptions();
 });
 
+// Exit codes (README, "Errors and exit codes"): 0 done; 1 some inputs of a folder failed (the others were done) or a
+// check failed (parity, notebooks); 2 bad input (option, file, checkpoint) — nothing was written; 70 internal error;
+// 130 interrupted (Ctrl+C). Every error is one line on stderr; DIFFBIR_LAB_TRACE=1 adds the stack trace.
 try
 {
     return app.Run(args);
 }
-catch (CommandParseException e)
+catch (Exception e)
 {
-    AnsiConsole.MarkupLine($"[red]error:[/] {Markup.Escape(e.Message)}");
-    return 2;
-}
-catch (Exception e) when (CliErrors.IsUserError(e))
-{
-    AnsiConsole.MarkupLine($"[red]error:[/] {Markup.Escape(e.Message)}");
-    return 2;
+    var inner = CliErrors.Unwrap(e);
+    if (inner is CommandAppException or CommandParseException || CliErrors.IsUserError(inner))
+    {
+        CliErrors.Print(inner is OperationCanceledException ? "interrupted" : CliErrors.NameOption(inner.Message, args));
+        return inner is OperationCanceledException ? 130 : 2;
+    }
+    CliErrors.Print($"internal error ({inner.GetType().Name}): {inner.Message} — please report it; DIFFBIR_LAB_TRACE=1 shows where");
+    if (Environment.GetEnvironmentVariable("DIFFBIR_LAB_TRACE") == "1") Console.Error.WriteLine(inner);
+    return 70;
 }

@@ -15,7 +15,35 @@ namespace DiffBIR.Lab.Cli
         /// <summary>Errors caused by the user's input: shown as one clear line, not a stack trace.</summary>
         public static bool IsUserError(Exception e) =>
             e is CheckpointException or ImageFileException or FileNotFoundException or DirectoryNotFoundException or UnauthorizedAccessException
-            or ArgumentException or DiffBIR.Lab.Weights.WeightsFetchException or OperationCanceledException;
+            or ArgumentException or DiffBIR.Lab.Weights.WeightsFetchException or OperationCanceledException
+            or DiffBIR.Lab.Pipeline.NonFiniteException or System.Text.Json.JsonException;
+
+        /// <summary>The exception that says what happened (reflection and task wrappers removed).</summary>
+        public static Exception Unwrap(Exception e)
+        {
+            while (e is System.Reflection.TargetInvocationException or AggregateException && e.InnerException is { } i) e = i;
+            return e;
+        }
+
+        /// <summary>Spectre says "Failed to convert 'abc' to Int64."; name the option that was given that value.</summary>
+        public static string NameOption(string message, string[] args)
+        {
+            var m = System.Text.RegularExpressions.Regex.Match(message, "^Failed to convert '(.*)' to (\\w+)");
+            if (!m.Success) return message;
+            int i = Array.IndexOf(args, m.Groups[1].Value);
+            string kind = m.Groups[2].Value switch { "Int32" or "Int64" => "an integer", "Double" or "Single" => "a number", var t => t };
+            return i > 0 && args[i - 1].StartsWith('-') ? $"{args[i - 1]}: '{m.Groups[1].Value}' is not {kind}" : $"'{m.Groups[1].Value}' is not {kind}";
+        }
+
+        static readonly IAnsiConsole Err = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(Console.Error) });
+
+        /// <summary>One line on stderr: "error: …" (line breaks of the message folded, markup escaped).</summary>
+        public static void Print(string message)
+        {
+            var line = string.Join(" ", message.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
+            if (Console.IsErrorRedirected) Console.Error.WriteLine("error: " + line);
+            else Err.MarkupLine($"[red]error:[/] {Markup.Escape(line)}");
+        }
     }
 
     static class Fmt
@@ -220,7 +248,7 @@ namespace DiffBIR.Lab.Cli.Commands
                         {
                             failed++;
                             task.StopTask();
-                            AnsiConsole.MarkupLine($"[red]error:[/] {Markup.Escape(e.Message)}");
+                            CliErrors.Print(e.Message);
                         }
                     }
                 });

@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Security.Cryptography;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using DiffBIR.Lab.Checkpoints;
 using DiffBIR.Lab.Guidance;
 using DiffBIR.Lab.IO;
 using DiffBIR.Lab.Pipeline;
@@ -91,16 +92,26 @@ public sealed class RestoreSettings : CommandSettings
     [CommandOption("--force")] [Description("Re-run even when an output with the same manifest exists.")]
     public bool Force { get; set; }
 
+    [CommandOption("--threads <N>")] [Description("CPU threads of libtorch (default: all cores). Fixed for the run and recorded in every manifest, so reruns are bit-identical.")]
+    public int? Threads { get; set; }
+
     public override ValidationResult Validate()
     {
         if (string.IsNullOrWhiteSpace(Input)) return ValidationResult.Error("--input is required");
         if (string.IsNullOrWhiteSpace(Output)) return ValidationResult.Error("--output is required");
-        if (Steps < 1) return ValidationResult.Error("--steps must be ≥ 1");
-        if (NSamples < 1) return ValidationResult.Error("--n-samples must be ≥ 1");
-        if (Guidance is not ("none" or "mse" or "wmse")) return ValidationResult.Error("--guidance must be none, mse or wmse");
-        if (GSpace is not ("rgb" or "latent")) return ValidationResult.Error("--g-space must be rgb or latent");
-        if (StartPoint is not ("noise" or "cond")) return ValidationResult.Error("--start-point must be noise or cond");
-        if (Precision is not ("fp32" or "fp16" or "bf16")) return ValidationResult.Error("--precision must be fp32, fp16 or bf16");
+        if (NSamples < 1 || NSamples > 10000) return ValidationResult.Error($"--n-samples: must be in 1..10000 (got {NSamples})");
+        if (BatchSize < 1) return ValidationResult.Error($"--batch-size: must be ≥ 1 (got {BatchSize})");
+        if (Threads is < 1 or > 1024) return ValidationResult.Error($"--threads: must be in 1..1024 (got {Threads})");
+        if (Upscale is { } u && (!double.IsFinite(u) || u <= 0)) return ValidationResult.Error($"--upscale: must be a finite number above 0 (got {u})");
+        if (!double.IsFinite(GScale)) return ValidationResult.Error($"--g-scale: must be a finite number (got {GScale})");
+        if (Seed < 0 || Seed + NSamples - 1 > DiffBIR.Lab.Pipeline.PipelineChecks.MaxSeed)
+            return ValidationResult.Error($"--seed: {Seed} with --n-samples {NSamples} uses seeds up to {Seed + NSamples - 1}; the official range is 0..{DiffBIR.Lab.Pipeline.PipelineChecks.MaxSeed}");
+        if (Task is not ("sr" or "face" or "denoise")) return ValidationResult.Error($"--task: must be sr, face or denoise (got '{Task}')");
+        if (Guidance is not ("none" or "mse" or "wmse")) return ValidationResult.Error("--guidance: must be none, mse or wmse");
+        if (GSpace is not ("rgb" or "latent")) return ValidationResult.Error("--g-space: must be rgb or latent");
+        if (StartPoint is not ("noise" or "cond")) return ValidationResult.Error("--start-point: must be noise or cond");
+        if (Precision is not ("fp32" or "fp16" or "bf16")) return ValidationResult.Error("--precision: must be fp32, fp16 or bf16");
+        if (Device is not ("cpu" or "cuda")) return ValidationResult.Error("--device: must be cpu or cuda");
         return ValidationResult.Success();
     }
 }
@@ -126,11 +137,50 @@ public sealed class RestoreCommand : Command<RestoreSettings>
 
     static IReadOnlyList<string> Inputs(string input)
     {
-        if (File.Exists(input)) return new[] { input };
         if (Directory.Exists(input))
             return Directory.EnumerateFiles(input).Where(f => ImageExtensions.Contains(Path.GetExtension(f).ToLowerInvariant()))
                 .OrderBy(f => f, StringComparer.Ordinal).ToList();
-        throw new FileNotFoundException($"{input}: no such file or folder");
+        if (File.Exists(input)) return new[] { input };
+        throw new FileNotFoundException($"-i {input}: no such file or folder");
+    }
+
+    /// <summary>Only regular, non-empty files are read: a device (/dev/zero), FIFO or socket would block or never end.</summary>
+    static void CheckRegularFile(string file)
+    {
+        var info = new FileInfo(file);
+        if (info.Length == 0 || info.Attributes.HasFlag(FileAttributes.Device))
+            throw new ImageFileException(file, "empty, or not a regular file (a device, FIFO or socket); give an image file");
+    }
+
+    /// <summary>
+    /// Output stems, unique and stable: an input's name without its extension, except where two inputs share it
+    /// (a.png and a.jpg), where each keeps its extension (a_png, a_jpg). Compared case-insensitively, since the
+    /// output folder may be on a case-insensitive file system.
+    /// </summary>
+    internal static IReadOnlyDictionary<string, string> OutputStems(IReadOnlyList<string> inputs)
+    {
+        var stems = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (var g in inputs.GroupBy(f => Path.GetFileNameWithoutExtension(f), StringComparer.OrdinalIgnoreCase))
+        {
+            var members = g.ToList();
+            foreach (var f in members)
+                stems[f] = members.Count == 1 ? Path.GetFileNameWithoutExtension(f)
+                    : Path.GetFileNameWithoutExtension(f) + "_" + Path.GetExtension(f).TrimStart('.').ToLowerInvariant();
+        }
+        var clash = stems.GroupBy(kv => kv.Value, StringComparer.OrdinalIgnoreCase).FirstOrDefault(g => g.Count() > 1);
+        if (clash != null)
+            throw new ArgumentException($"-i: {string.Join(" and ", clash.Select(kv => Path.GetFileName(kv.Key)))} would both be written as {clash.Key}.png; rename one");
+        return stems;
+    }
+
+    /// <summary>The output folder may not be a file, nor the folder the inputs are read from (outputs would replace them).</summary>
+    static void CheckOutputFolder(RestoreSettings s)
+    {
+        if (File.Exists(s.Output)) throw new ArgumentException($"-o {s.Output}: is a file; give a folder for the outputs");
+        static string Full(string p) => Path.TrimEndingDirectorySeparator(Path.GetFullPath(p));
+        var inputDir = Directory.Exists(s.Input) ? Full(s.Input) : Full(Path.GetDirectoryName(Path.GetFullPath(s.Input))!);
+        if (string.Equals(inputDir, Full(s.Output), StringComparison.Ordinal))
+            throw new ArgumentException($"-o {s.Output}: is the folder the inputs are read from; restored images would replace or mix with them — choose another folder");
     }
 
     static string ChoosePreset(RestoreSettings s)
@@ -180,50 +230,90 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         }
     }
 
+    static PipelineOptions MakeOptions(RestoreSettings s, RestorationGuidance? guidance, long seed) => new()
+    {
+        Steps = s.Steps, Strength = s.Strength, Sampler = s.Sampler, CfgScale = s.Cfg, RescaleCfg = s.RescaleCfg,
+        PosPrompt = s.PosPrompt, NegPrompt = s.NegPrompt, NoiseAug = s.NoiseAug,
+        StartPointType = s.StartPoint == "cond" ? Pipeline.StartPoint.Cond : Pipeline.StartPoint.Noise,
+        SChurn = s.SChurn, STmin = s.STmin, STmax = s.STmax, SNoise = s.SNoise, Eta = s.Eta, Order = s.Order,
+        CleanerTiled = s.CleanerTiled, CleanerTileSize = s.CleanerTileSize, CleanerTileStride = s.CleanerTileStride,
+        VaeEncoderTiled = s.VaeEncoderTiled, VaeEncoderTileSize = s.VaeEncoderTileSize,
+        VaeDecoderTiled = s.VaeDecoderTiled, VaeDecoderTileSize = s.VaeDecoderTileSize,
+        CldmTiled = s.CldmTiled, CldmTileSize = s.CldmTileSize, CldmTileStride = s.CldmTileStride,
+        Seed = seed, Guidance = guidance,
+    };
+
     int Run(RestoreSettings s, CancellationToken ct)
     {
         var sw = System.Diagnostics.Stopwatch.StartNew();
+        // Everything that can be refused is refused before a network is built or a file written.
         var inputs = Inputs(s.Input);
-        if (inputs.Count == 0) { AnsiConsole.MarkupLine($"[yellow]no images in {Markup.Escape(s.Input)}[/]"); return 0; }
-        Directory.CreateDirectory(s.Output);
+        CheckOutputFolder(s);
         var presetName = ChoosePreset(s);
+        var spec = Presets.Get(presetName);
         var task = Presets.ParseTask(s.Task);
         double upscale = s.Upscale ?? (task == RestorationTask.Sr ? 4 : 1);
+        var guidance = MakeGuidance(s);
+        var checkedOptions = MakeOptions(s, guidance, s.Seed);
+        PipelineChecks.Validate(checkedOptions);
+        if (inputs.Count == 0) { CliErrors.Print($"-i {s.Input}: no images (PNG, JPEG, BMP, TIFF, WebP) in this folder"); return 2; }
+        var stems = OutputStems(inputs);
         var device = s.Device == "cuda" ? torch.CUDA : torch.CPU;
         if (s.Device == "cuda" && !torch.cuda.is_available())
             throw new ArgumentException("--device cuda: CUDA is not available to TorchSharp here (see README, 'Using a GPU')");
 
+        int failed = 0, done = 0, skipped = 0;
+        var ready = new List<string>();
+        foreach (var file in inputs)
+        {
+            try
+            {
+                CheckRegularFile(file);
+                var header = ImageIO.Identify(file);
+                Presets.CheckSizes(spec, task, upscale, header.Height, header.Width, file, checkedOptions);
+                ready.Add(file);
+            }
+            catch (Exception e) when (e is ImageFileException or SizeLimitException or IOException or UnauthorizedAccessException)
+            {
+                failed++;
+                CliErrors.Print(e.Message);
+            }
+        }
+        if (ready.Count == 0) return 2;
+
+        int threads = s.Threads ?? Environment.ProcessorCount;
+        torch.set_num_threads(threads);
         var build = new BuildOptions
         {
             Upscale = upscale,
-            Precision = s.Precision switch { "fp16" => Precision.Fp16, "bf16" => Precision.Bf16, _ => Precision.Fp32 },
+            Precision = s.Precision switch { "fp16" => Pipeline.Precision.Fp16, "bf16" => Pipeline.Precision.Bf16, _ => Pipeline.Precision.Fp32 },
             Device = device,
             Custom = presetName == "custom"
-                ? new CustomCheckpoints(s.SdCkpt ?? throw new ArgumentException("custom preset: --sd-ckpt is required"),
-                                        s.CleanerCkpt ?? throw new ArgumentException("custom preset: --cleaner-ckpt is required"),
-                                        s.ControlNetCkpt ?? throw new ArgumentException("custom preset: --controlnet-ckpt is required"))
+                ? new CustomCheckpoints(s.SdCkpt ?? throw new ArgumentException("--sd-ckpt: required with --version custom"),
+                                        s.CleanerCkpt ?? throw new ArgumentException("--cleaner-ckpt: required with --version custom"),
+                                        s.ControlNetCkpt ?? throw new ArgumentException("--controlnet-ckpt: required with --version custom"))
                 : null,
         };
-        AnsiConsole.MarkupLine($"preset [bold]{presetName}[/], task {s.Task}, ×{upscale}, sampler {Markup.Escape(s.Sampler)} {s.Steps} steps, cfg {s.Cfg}, guidance {s.Guidance}, {s.Precision} on {s.Device}");
+        AnsiConsole.MarkupLine($"preset [bold]{presetName}[/], task {s.Task}, ×{upscale}, sampler {Markup.Escape(s.Sampler)} {s.Steps} steps, cfg {s.Cfg}, guidance {s.Guidance}, {s.Precision} on {s.Device}, {threads} threads");
         if (presetName == "tiny") AnsiConsole.MarkupLine("[yellow]tiny preset: random fixture-sized networks, NOT a trained model — outputs only exercise the pipeline[/]");
 
+        Directory.CreateDirectory(s.Output);
         using var preset = Presets.Build(presetName, s.Task, s.Weights, build);
         var checkpoints = CheckpointHashes(preset, s, presetName);
-        var guidance = MakeGuidance(s);
-        var settings = SettingsJson(s, presetName, upscale);
+        var settings = SettingsJson(s, presetName, upscale, threads);
+        bool stop = false;
 
-        int failed = 0, done = 0, skipped = 0;
         AnsiConsole.Progress().AutoClear(false).HideCompleted(false)
             .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn())
             .Start(pctx =>
             {
-                var all = pctx.AddTask("all images", maxValue: inputs.Count * s.NSamples);
-                foreach (var file in inputs)
+                var all = pctx.AddTask("all images", maxValue: ready.Count * s.NSamples);
+                foreach (var file in ready)
                 {
-                    for (int k = 0; k < s.NSamples; k++)
+                    for (int k = 0; k < s.NSamples && !stop; k++)
                     {
                         if (ct.IsCancellationRequested) return;
-                        var stem = Path.GetFileNameWithoutExtension(file) + (s.NSamples > 1 ? $"_{k}" : "");
+                        var stem = stems[file] + (s.NSamples > 1 ? $"_{k}" : "");
                         var outPng = Path.Combine(s.Output, stem + ".png");
                         var outJson = Path.Combine(s.Output, stem + ".json");
                         var imageTask = pctx.AddTask(Markup.Escape(stem), maxValue: s.Steps);
@@ -232,7 +322,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                             var inputSha = Sha256(file);
                             var seed = s.Seed + k;
                             var key = SkipKey(settings, inputSha, seed, checkpoints);
-                            if (!s.Force && File.Exists(outPng) && File.Exists(outJson) && SameKey(outJson, key))
+                            if (!s.Force && UpToDate(outPng, outJson, key))
                             {
                                 skipped++; imageTask.Description = Markup.Escape(stem) + " [grey](up to date, skipped)[/]";
                                 imageTask.Value = imageTask.MaxValue; all.Increment(1); continue;
@@ -244,23 +334,12 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                             // The official code feeds uint8 HWC; 8-bit sources round-trip exactly, 16-bit ones are rounded to 8 bits.
                             var lq = ImageIO.ToUInt8(loaded.Image, Quantization.Round);
                             preset.Pipeline.StepObserver = info => { imageTask.Increment(1); return !ct.IsCancellationRequested; };
-                            var options = new PipelineOptions
-                            {
-                                Steps = s.Steps, Strength = s.Strength, Sampler = s.Sampler, CfgScale = s.Cfg, RescaleCfg = s.RescaleCfg,
-                                PosPrompt = s.PosPrompt, NegPrompt = s.NegPrompt, NoiseAug = s.NoiseAug,
-                                StartPointType = s.StartPoint == "cond" ? Pipeline.StartPoint.Cond : Pipeline.StartPoint.Noise,
-                                SChurn = s.SChurn, STmin = s.STmin, STmax = s.STmax, SNoise = s.SNoise, Eta = s.Eta, Order = s.Order,
-                                CleanerTiled = s.CleanerTiled, CleanerTileSize = s.CleanerTileSize, CleanerTileStride = s.CleanerTileStride,
-                                VaeEncoderTiled = s.VaeEncoderTiled, VaeEncoderTileSize = s.VaeEncoderTileSize,
-                                VaeDecoderTiled = s.VaeDecoderTiled, VaeDecoderTileSize = s.VaeDecoderTileSize,
-                                CldmTiled = s.CldmTiled, CldmTileSize = s.CldmTileSize, CldmTileStride = s.CldmTileStride,
-                                Seed = seed, Guidance = guidance,
-                            };
-                            using var result = preset.Restore(lq, options);
+                            using var result = preset.Restore(lq, MakeOptions(s, guidance, seed));
                             ImageIO.Save(outPng, result.Image);
                             var manifest = new JsonObject
                             {
                                 ["output"] = Path.GetFileName(outPng),
+                                ["output_sha256"] = Sha256(outPng),
                                 ["input"] = Path.GetFullPath(file),
                                 ["input_sha256"] = inputSha,
                                 ["input_info"] = $"{loaded.Info.Format} {loaded.Info.Width}×{loaded.Info.Height} {loaded.Info.BitDepth}-bit",
@@ -274,9 +353,10 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                                 {
                                     ["diffbir_lab"] = typeof(RestorationPipeline).Assembly.GetName().Version?.ToString(),
                                     ["torchsharp"] = typeof(torch).Assembly.GetName().Version?.ToString(),
+                                    ["libtorch"] = LibTorchVersion,
                                     ["dotnet"] = Environment.Version.ToString(),
                                 },
-                                ["device"] = s.Device, ["precision"] = s.Precision,
+                                ["device"] = s.Device, ["precision"] = s.Precision, ["threads"] = threads,
                                 ["elapsed_seconds"] = Math.Round(t0.Elapsed.TotalSeconds, 3),
                                 ["date"] = DateTime.UtcNow.ToString("o", CultureInfo.InvariantCulture),
                                 ["skip_key"] = key,
@@ -287,12 +367,19 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                             imageTask.Description = Markup.Escape(stem) + $" [green]{t0.Elapsed.TotalSeconds:F1}s[/]";
                         }
                         catch (OperationCanceledException) { imageTask.Description = Markup.Escape(stem) + " [yellow](cancelled)[/]"; return; }
-                        catch (Exception e) when (e is ImageFileException or IOException or ArgumentException or InvalidOperationException)
+                        catch (NonFiniteException e)
+                        {
+                            failed++; stop = true;
+                            imageTask.StopTask();
+                            CliErrors.Print($"{file}: {e.Message}; stopping");
+                        }
+                        catch (Exception e) when (e is ImageFileException or IOException or ArgumentException or InvalidOperationException or CheckpointException)
                         {
                             failed++;
                             imageTask.StopTask();
                             imageTask.Description = Markup.Escape(stem) + " [red](failed)[/]";
-                            AnsiConsole.MarkupLine($"[red]error:[/] {Markup.Escape(e.Message)}{OomHint(e)}");
+                            var msg = e.Message.StartsWith(file, StringComparison.Ordinal) ? e.Message : $"{file}: {e.Message}";
+                            CliErrors.Print(msg + OomHint(e));
                         }
                         finally { all.Increment(1); }
                     }
@@ -300,7 +387,23 @@ public sealed class RestoreCommand : Command<RestoreSettings>
             });
         AnsiConsole.MarkupLine($"{done} restored, {skipped} up to date, {failed} failed in {sw.Elapsed.TotalSeconds:F1}s → {Markup.Escape(Path.GetFullPath(s.Output))}");
         if (ct.IsCancellationRequested) return 130;
-        return failed == 0 ? 0 : 1;
+        if (failed == 0) return 0;
+        return done + skipped > 0 ? 1 : 2;
+    }
+
+    /// <summary>The libtorch the process loaded (TorchSharp's native build string), or "unknown".</summary>
+    internal static string LibTorchVersion => DiffBIR.Lab.RunInfo.LibTorchVersion;
+
+    /// <summary>An output counts as up to date only when its manifest has the same key and the image's bytes are the ones recorded.</summary>
+    static bool UpToDate(string outPng, string outJson, string key)
+    {
+        if (!File.Exists(outPng) || !File.Exists(outJson)) return false;
+        try
+        {
+            var m = JsonNode.Parse(File.ReadAllText(outJson));
+            return (string?)m?["skip_key"] == key && (string?)m?["output_sha256"] == Sha256(outPng);
+        }
+        catch (Exception e) when (e is JsonException or InvalidOperationException) { return false; }
     }
 
     static string OomHint(Exception e) =>
@@ -324,7 +427,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         return result;
     }
 
-    static JsonObject SettingsJson(RestoreSettings s, string preset, double upscale) => new()
+    static JsonObject SettingsJson(RestoreSettings s, string preset, double upscale, int threads) => new()
     {
         ["preset"] = preset, ["task"] = s.Task, ["upscale"] = upscale,
         ["sampler"] = s.Sampler, ["steps"] = s.Steps, ["cfg"] = s.Cfg, ["rescale_cfg"] = s.RescaleCfg,
@@ -337,7 +440,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         ["vae_encoder_tiled"] = s.VaeEncoderTiled, ["vae_encoder_tile_size"] = s.VaeEncoderTileSize,
         ["vae_decoder_tiled"] = s.VaeDecoderTiled, ["vae_decoder_tile_size"] = s.VaeDecoderTileSize,
         ["cldm_tiled"] = s.CldmTiled, ["cldm_tile_size"] = s.CldmTileSize, ["cldm_tile_stride"] = s.CldmTileStride,
-        ["precision"] = s.Precision, ["device"] = s.Device,
+        ["precision"] = s.Precision, ["device"] = s.Device, ["threads"] = threads,
     };
 
     /// <summary>What makes an output reusable: settings, input bytes, seed and checkpoint bytes.</summary>
@@ -345,11 +448,5 @@ public sealed class RestoreCommand : Command<RestoreSettings>
     {
         var text = settings.ToJsonString() + "|" + inputSha + "|" + seed + "|" + string.Join(",", checkpoints.Select(kv => kv.Key + "=" + kv.Value));
         return Convert.ToHexStringLower(SHA256.HashData(System.Text.Encoding.UTF8.GetBytes(text)));
-    }
-
-    static bool SameKey(string manifestPath, string key)
-    {
-        try { return (string?)JsonNode.Parse(File.ReadAllText(manifestPath))?["skip_key"] == key; }
-        catch (JsonException) { return false; }
     }
 }

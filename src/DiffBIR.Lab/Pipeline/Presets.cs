@@ -98,6 +98,8 @@ public sealed class PresetPipeline : IDisposable
     public RestorationResult Restore(Tensor lqUint8Nhwc, PipelineOptions? options = null)
     {
         var o = options ?? Preset.Defaults;
+        PipelineChecks.Validate(o);
+        Presets.CheckSizes(Preset, Task, Upscale, lqUint8Nhwc.shape[1], lqUint8Nhwc.shape[2], "input", o);
         if (!Preset.PreUpscale(Task)) return Pipeline.Run(lqUint8Nhwc, o);
         using var up = PilResize.Upscale(lqUint8Nhwc, Upscale);
         return Pipeline.Run(up, o);
@@ -150,6 +152,20 @@ public static class Presets
 
     public static PresetSpec Get(string name) => All.FirstOrDefault(p => p.Name == name)
         ?? throw new ArgumentException($"unknown preset '{name}' (known: {string.Join(", ", All.Select(p => p.Name))})");
+
+    /// <summary>
+    /// The sizes a preset makes for an h × w input with this upscale (the loop's pre-upscale, the cleaner's output,
+    /// the condition short edge), checked against the limit before anything is built or allocated.
+    /// </summary>
+    public static SizePlan CheckSizes(PresetSpec preset, RestorationTask task, double upscale, long h, long w, string what,
+        PipelineOptions? options = null, double maxMegapixels = PipelineChecks.DefaultMaxMegapixels)
+    {
+        if (!double.IsFinite(upscale) || upscale <= 0) throw new OptionException("--upscale", $"must be a finite number above 0 (got {upscale})");
+        int shortEdge = preset.Name == "tiny" ? TinyConditionShortEdge : 512;
+        // Both branches give the final size h·s × w·s: the loop's Pillow pre-upscale, or BSRNet's set_output_size.
+        var plan = PipelineChecks.Plan(Math.Floor(h * upscale), Math.Floor(w * upscale), shortEdge);
+        return PipelineChecks.CheckSizes(plan, h, w, what, options, maxMegapixels);
+    }
 
     public static RestorationTask ParseTask(string task) => task switch
     {
@@ -225,7 +241,7 @@ public static class Presets
 
         var cldm = new ControlLDM(ControlLdmConfig.Sd21, Tokenizer(weightsDir, preset.Name));
         using (var sd = Checkpoint.Load(FileOf(preset.SdCheckpointId!)))
-            cldm.LoadPretrainedSd(sd.Tensors, manifest[preset.SdCheckpointId!].File);
+            LoadSd(cldm, sd.Tensors, manifest[preset.SdCheckpointId!].File);
         using (var cn = Checkpoint.Load(FileOf(preset.ControlNetIds[task])))
             cldm.LoadControlNet(cn.Tensors, manifest[preset.ControlNetIds[task]].File);
         cldm.eval();
@@ -236,6 +252,21 @@ public static class Presets
         return new RestorationPipeline(cleaner, cldm, preset.Schedule);
     }
 
+    /// <summary>
+    /// The official prefix rules (keys outside UNet, VAE and CLIP text are unused: EMA copies, CLIP's visual tower),
+    /// but every key the model needs must be there: a file that is not a matching SD 2.1 checkpoint is refused with
+    /// the missing keys named (the official loader only prints them, and a run would use random weights).
+    /// </summary>
+    static void LoadSd(ControlLDM cldm, IReadOnlyDictionary<string, Tensor> tensors, string source)
+    {
+        var (unused, missing) = cldm.LoadPretrainedSd(tensors, source);
+        if (missing.Count == 0) return;
+        static string First(IReadOnlyList<string> keys) => string.Join(", ", keys.Take(3)) + (keys.Count > 3 ? ", …" : "");
+        throw new CheckpointException(source,
+            $"not a Stable Diffusion 2.1 checkpoint for this model: {missing.Count} of its keys are missing ({First(missing)})" +
+            (unused.Count > 0 ? $"; {unused.Count} keys of the file are unused ({First(unused)})" : ""));
+    }
+
     static RestorationPipeline BuildCustom(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions o)
     {
         var c = o.Custom ?? throw new ArgumentException("preset 'custom' needs BuildOptions.Custom (SD, cleaner and ControlNet checkpoint paths)");
@@ -243,7 +274,7 @@ public static class Presets
         if (missing.Count > 0)
             throw new FileNotFoundException($"preset 'custom': missing checkpoint file(s): {string.Join(", ", missing)}");
         var cldm = new ControlLDM(c.CldmConfig ?? ControlLdmConfig.Sd21, Tokenizer(weightsDir, "custom"));
-        using (var sd = Checkpoint.Load(c.SdPath)) cldm.LoadPretrainedSd(sd.Tensors, c.SdPath);
+        using (var sd = Checkpoint.Load(c.SdPath)) LoadSd(cldm, sd.Tensors, c.SdPath);
         using (var cn = Checkpoint.Load(c.ControlNetPath)) cldm.LoadControlNet(cn.Tensors, c.ControlNetPath);
         cldm.eval();
         var cleaner = new SwinIRCleaner(new SwinIR(c.CleanerConfig ?? SwinIRConfig.Full));

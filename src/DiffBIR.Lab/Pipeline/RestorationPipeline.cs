@@ -129,6 +129,10 @@ public sealed class RestorationPipeline : IDisposable
     public RestorationResult Run(Tensor lqUint8Nhwc, PipelineOptions? options = null)
     {
         var o = options ?? new PipelineOptions();
+        PipelineChecks.Validate(o);
+        if (lqUint8Nhwc.dim() != 4 || lqUint8Nhwc.shape[3] != 3)
+            throw new ArgumentException($"the input must be uint8 [N, H, W, 3] (got [{string.Join(", ", lqUint8Nhwc.shape)}])");
+        PipelineChecks.CheckSizes(Cleaner, lqUint8Nhwc.shape[1], lqUint8Nhwc.shape[2], "input", o);
         _notes = new List<string>();
         using var _ng = torch.no_grad();
         using var scope = torch.NewDisposeScope();
@@ -223,7 +227,7 @@ public sealed class RestorationPipeline : IDisposable
                     Decode = zz => Cldm.VaeDecode(zz),
                     EncodeTarget = img =>
                     {
-                        using var like = torch.empty(new[] { img.shape[0], 4L, img.shape[2] / 8, img.shape[3] / 8 });
+                        using var like = torch.empty(new[] { img.shape[0], 4L, img.shape[2] / 8, img.shape[3] / 8 }, ScalarType.Float32, img.device);
                         return Cldm.VaeEncode(img, noise.Next(like));
                     },
                 };
@@ -236,6 +240,8 @@ public sealed class RestorationPipeline : IDisposable
             // the run's result belongs to us and lives outside any scope: keep the crop, free the handle
             var z = zFull[.., .., ..(int)h1, ..(int)w1].clone();
             zFull.Dispose();
+            if (!torch.isfinite(z).all().item<bool>())
+                throw new NonFiniteException($"the sampler produced non-finite latents (cfg {o.CfgScale}, strength {o.Strength}, guidance scale {o.Guidance?.Scale ?? 0}): lower --cfg or --g-scale; nothing was written");
             Emit("z", z);
             if (decTiled && (h1 < o.VaeDecoderTileSize / 8 || w1 < o.VaeDecoderTileSize / 8))
             {
@@ -256,4 +262,10 @@ public sealed class RestorationPipeline : IDisposable
     }
 
     public void Dispose() { Cleaner.Dispose(); Cldm.Dispose(); }
+}
+
+/// <summary>A run produced NaN or infinite values (options such as a huge CFG or guidance scale); nothing was written.</summary>
+public sealed class NonFiniteException : InvalidOperationException
+{
+    public NonFiniteException(string message) : base(message) { }
 }
