@@ -83,7 +83,10 @@ namespace DiffBIR.Lab.Cli.Commands
     {
         public override int Execute(CommandContext context, ParitySettings s, CancellationToken cancellationToken)
         {
+            foreach (var p in s.Paths)
+                if (!File.Exists(p) && !Directory.Exists(p)) throw new FileNotFoundException($"{p}: no such file or folder");
             var files = ParityRunner.FindFixtures(s.Paths);
+            if (files.Count == 0) { CliErrors.Print($"{string.Join(", ", s.Paths)}: nothing to check (no fixture files: *.safetensors, checkpoints/expected.json, schema/*.json)"); return 2; }
             var tol = s.Rtol.HasValue || s.Atol.HasValue ? new Tolerance(s.Rtol ?? 0, s.Atol ?? 0) : null;
             var reports = Run(files, tol, s.Verbose, cancellationToken);
             if (s.Json != null) ParityReportJson.Write(s.Json, reports);
@@ -278,7 +281,8 @@ namespace DiffBIR.Lab.Cli.Commands
         {
             var files = s.Paths.SelectMany(p => Directory.Exists(p)
                 ? Directory.EnumerateFiles(p, "*.ipynb").OrderBy(x => x, StringComparer.Ordinal).ToArray()
-                : new[] { p }).ToList();
+                : File.Exists(p) ? new[] { p } : throw new FileNotFoundException($"{p}: no such notebook or folder")).ToList();
+            if (files.Count == 0) { CliErrors.Print($"{string.Join(", ", s.Paths)}: nothing to run (no *.ipynb)"); return 2; }
             int failed = 0;
             foreach (var f in files)
             {

@@ -43,7 +43,8 @@ public static class Checkpoint
     {
         if (!File.Exists(path)) throw new CheckpointException(path, "file not found");
         if (new FileInfo(path).Length == 0) throw new CheckpointException(path, "file is empty (0 bytes)");
-        if (SafeTensors.LooksLikeSafeTensors(path))
+        // The parser is chosen by content; a .safetensors name with other content is reported as a bad safetensors file.
+        if (SafeTensors.LooksLikeSafeTensors(path) || path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
         {
             var (tensors, meta) = SafeTensors.Load(path);
             var notes = new List<string>();
@@ -52,6 +53,13 @@ public static class Checkpoint
             return result;
         }
         var format = TorchPickleFile.IsZip(path) ? "torch-zip" : "torch-legacy";
+        if (format == "torch-legacy")
+        {
+            var head = new byte[2];
+            using (var fs = File.OpenRead(path)) fs.ReadAtLeast(head, 2, throwOnEndOfStream: false);
+            if (head[0] != 0x80) // every torch.save pickle starts with the PROTO opcode
+                throw new CheckpointException(path, $"not a checkpoint: neither safetensors, a PyTorch zip archive nor a legacy torch.save file (starts with bytes {head[0]:x2} {head[1]:x2})");
+        }
         var graph = TorchPickleFile.Load(path);
         return FromGraph(path, format, graph, unwrap, stripModulePrefix);
     }

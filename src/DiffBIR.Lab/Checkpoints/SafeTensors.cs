@@ -89,13 +89,29 @@ public static class SafeTensors
             if (node is not JsonObject o) throw new CheckpointException(path, $"corrupt safetensors header: entry '{name}' is not an object");
             var dtype = (string?)o["dtype"] ?? throw new CheckpointException(path, $"tensor '{name}' has no dtype");
             if (!DTypes.TryGetValue(dtype, out var dt)) throw new CheckpointException(path, $"tensor '{name}' has unsupported dtype {dtype}");
-            var shape = o["shape"]!.AsArray().Select(x => (long)x!).ToArray();
-            var offs = o["data_offsets"]!.AsArray().Select(x => (long)x!).ToArray();
+            long[] shape, offs;
+            try
+            {
+                shape = o["shape"]!.AsArray().Select(x => (long)x!).ToArray();
+                offs = o["data_offsets"]!.AsArray().Select(x => (long)x!).ToArray();
+            }
+            catch (Exception ex) when (ex is InvalidOperationException or FormatException or NullReferenceException or OverflowException)
+            { throw new CheckpointException(path, $"corrupt safetensors header: tensor '{name}' has no valid shape / data_offsets"); }
+            if (offs.Length != 2 || shape.Length > 64 || shape.Any(d => d < 0) || shape.Aggregate(1.0, (a, b) => a * b) > 1e13)
+                throw new CheckpointException(path, $"corrupt safetensors header: tensor '{name}' has shape [{string.Join(", ", shape)}] and data_offsets [{string.Join(", ", offs)}]");
             var e = new SafeTensorEntry(name, dtype, shape, offs[0], offs[1]);
-            if (shape.Any(d => d < 0) || e.End < e.Begin || e.End > dataLen || (e.End - e.Begin) != e.NumElements * dt.Size)
+            if (e.Begin < 0 || e.End < e.Begin || e.End > dataLen || (e.End - e.Begin) != e.NumElements * dt.Size)
                 throw new CheckpointException(path,
                     $"tensor '{name}': data_offsets [{e.Begin}, {e.End}] do not match dtype {dtype} × shape [{string.Join(", ", shape)}] within {dataLen} data bytes (file truncated or corrupt)");
             entries.Add(e);
+        }
+        // As the reference reader: tensors may not share bytes (overlapping ranges would alias two tensors).
+        SafeTensorEntry? prev = null;
+        foreach (var e in entries.Where(x => x.End > x.Begin).OrderBy(x => x.Begin))
+        {
+            if (prev != null && e.Begin < prev.End)
+                throw new CheckpointException(path, $"corrupt safetensors header: tensors '{prev.Name}' [{prev.Begin}, {prev.End}) and '{e.Name}' [{e.Begin}, {e.End}) overlap");
+            prev = e;
         }
         return new SafeTensorsHeader(entries, meta, dataStart);
     }

@@ -319,7 +319,14 @@ public sealed class SafeUnpickler
                 if (a.Count < 4) throw Corrupt("_rebuild_tensor needs 4 arguments");
                 var storage = a[0] as StorageView ?? throw Corrupt("_rebuild_tensor without a storage");
                 if (a[1] is not long off) throw Corrupt("storage offset is not an integer");
-                return new PendingTensor(storage, off, Longs(a[2], "size", this), Longs(a[3], "stride", this));
+                var size = Longs(a[2], "size", this);
+                var stride = Longs(a[3], "stride", this);
+                // Checked here, before anything is allocated: libtorch aborts the process on a negative size.
+                if (off < 0 || size.Any(x => x < 0) || stride.Any(x => x < 0) || size.Length != stride.Length || size.Length > 64)
+                    throw Corrupt($"invalid tensor geometry (offset {off}, size [{string.Join(",", size)}], stride [{string.Join(",", stride)}])");
+                long numel = 1;
+                foreach (var x in size) { numel *= x; if (numel > (1L << 40)) throw Corrupt($"tensor of size [{string.Join(",", size)}] is impossibly large"); if (numel == 0) break; }
+                return new PendingTensor(storage, off, size, stride);
             }
             case "torch._utils._rebuild_parameter":
             case "torch._utils._rebuild_parameter_with_state":

@@ -74,7 +74,7 @@ public static class TorchPickleFile
             // ('storage', storage_type, key, location, numel)
             if (pid.Count < 5 || pid[0] as string != "storage" || pid[1] is not PyGlobal st || pid[2] is not string key)
                 throw new CheckpointException(path, $"unsupported persistent id {pid}");
-            var numel = pid[4] is long n ? n : throw new CheckpointException(path, "storage size is not an integer");
+            var numel = pid[4] is long n && n >= 0 && n < (1L << 40) ? n : throw new CheckpointException(path, $"storage size {pid[4]} is not a valid element count");
             return new StorageView(new StorageRef(st.Name, key, pid[3] as string ?? "cpu", numel), 0);
         }
 
@@ -115,7 +115,7 @@ public static class TorchPickleFile
             // ('storage', storage_type, root_key, location, numel, view_metadata)
             if (pid.Count < 6 || pid[0] as string != "storage" || pid[1] is not PyGlobal st || pid[2] is not string key)
                 throw new CheckpointException(path, $"unsupported persistent id {pid} in legacy file");
-            var numel = pid[4] is long n ? n : throw new CheckpointException(path, "storage size is not an integer");
+            var numel = pid[4] is long n && n >= 0 && n < (1L << 40) ? n : throw new CheckpointException(path, $"storage size {pid[4]} is not a valid element count");
             if (!roots.TryGetValue(key, out var root)) roots[key] = root = new StorageRef(st.Name, key, pid[3] as string ?? "cpu", numel);
             long offset = 0;
             if (pid[5] is PyTuple view && view.Count >= 2 && view[1] is long vo) offset = vo;
@@ -151,8 +151,14 @@ public static class TorchPickleFile
         StorageDTypes.TryGetValue(storageType, out var d) ? d : throw new CheckpointException(path, $"unsupported storage type {storageType}");
 
     /// <summary>Replaces every pending tensor in the graph by a real tensor that owns its memory.</summary>
-    static object? Materialise(string path, object? o, Func<StorageRef, Tensor> storage)
+    /// <summary>State dicts nest a few levels (Lightning: checkpoint → state_dict → tensors); a file nesting deeper
+    /// than this is refused instead of exhausting the stack (which no handler can catch).</summary>
+    public const int MaxNesting = 1000;
+
+    static object? Materialise(string path, object? o, Func<StorageRef, Tensor> storage, int depth = 0)
     {
+        if (depth > MaxNesting)
+            throw new CheckpointException(path, $"the pickle nests containers more than {MaxNesting} levels deep; not a state dict (refused, nothing was executed)");
         switch (o)
         {
             case PendingTensor p:
@@ -172,13 +178,13 @@ public static class TorchPickleFile
             case PyDict d:
             {
                 var r = new PyDict();
-                foreach (var (k, v) in d) r[k] = Materialise(path, v, storage);
+                foreach (var (k, v) in d) r[k] = Materialise(path, v, storage, depth + 1);
                 return r;
             }
             case List<object?> l:
-                return l.Select(x => Materialise(path, x, storage)).ToList();
+                return l.Select(x => Materialise(path, x, storage, depth + 1)).ToList();
             case PyTuple t:
-                return new PyTuple(t.Items.Select(x => Materialise(path, x, storage)).ToArray());
+                return new PyTuple(t.Items.Select(x => Materialise(path, x, storage, depth + 1)).ToArray());
             case StorageView:
                 throw new CheckpointException(path, "a bare storage (not a tensor) is not supported in a state dict");
             default:
