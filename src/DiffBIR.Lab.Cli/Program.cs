@@ -36,6 +36,7 @@ app.Configure(c =>
         n.AddCommand<NotebooksRunCommand>("run").WithDescription("Execute notebooks headlessly, cell by cell; stop at the first failing cell.");
     });
     c.PropagateExceptions();
+    c.UseStrictParsing();
 });
 
 // Exit codes (README, "Errors and exit codes"): 0 done; 1 some inputs of a folder failed (the others were done) or a

@@ -273,8 +273,14 @@ public static class Presets
         var missing = new[] { c.SdPath, c.CleanerPath, c.ControlNetPath }.Where(p => !File.Exists(p)).ToList();
         if (missing.Count > 0)
             throw new FileNotFoundException($"preset 'custom': missing checkpoint file(s): {string.Join(", ", missing)}");
+        // Read the SD file first: one with no SD keys at all is refused before 1.7 G parameters are built.
+        using var sd = Checkpoint.Load(c.SdPath);
+        var (components, unusedKeys) = SdCheckpointKeys.Split(sd.Tensors);
+        if (components.Values.All(x => x.Count == 0))
+            throw new CheckpointException(c.SdPath, $"not a Stable Diffusion checkpoint: none of its {sd.Count} keys starts with " +
+                $"{string.Join(", ", SdCheckpointKeys.Prefixes.Select(p => p.SdPrefix))} (first keys: {string.Join(", ", unusedKeys.Take(3))})");
         var cldm = new ControlLDM(c.CldmConfig ?? ControlLdmConfig.Sd21, Tokenizer(weightsDir, "custom"));
-        using (var sd = Checkpoint.Load(c.SdPath)) LoadSd(cldm, sd.Tensors, c.SdPath);
+        LoadSd(cldm, sd.Tensors, c.SdPath);
         using (var cn = Checkpoint.Load(c.ControlNetPath)) cldm.LoadControlNet(cn.Tensors, c.ControlNetPath);
         cldm.eval();
         var cleaner = new SwinIRCleaner(new SwinIR(c.CleanerConfig ?? SwinIRConfig.Full));

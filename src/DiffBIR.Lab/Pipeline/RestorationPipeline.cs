@@ -249,6 +249,8 @@ public sealed class RestorationPipeline : IDisposable
                 decTiled = false;
             }
             var decoded = Cldm.VaeDecode(z, decTiled, o.VaeDecoderTileSize / 8);
+            if (!torch.isfinite(decoded).all().item<bool>())
+                throw new NonFiniteException($"the decoded image has non-finite values (latents up to {z.abs().max().item<float>():G3}; cfg {o.CfgScale}, strength {o.Strength}, guidance scale {o.Guidance?.Scale ?? 0}): lower --cfg or --g-scale; nothing was written");
             Emit("decoded", decoded);
             var sample = decoded[.., .., ..(int)h0, ..(int)w0];
             var result = new CldmOutput(sample, cond.CText, ucText, cImg, z, decoded);
