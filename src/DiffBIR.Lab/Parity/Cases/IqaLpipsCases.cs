@@ -27,10 +27,12 @@ public abstract class IqaLpipsCase : IParityCase
     public virtual Dictionary<string, Tensor> StateDict(Fixture f) => f.Weights();
 
     /// <summary>The fixture's network: built from its <c>metric_opts</c>, every weight loaded strictly.</summary>
-    public LpipsMetric LoadModel(Fixture f)
+    public LpipsMetric LoadModel(Fixture f) => LoadModel(f, StateDict(f));
+
+    static LpipsMetric LoadModel(Fixture f, IReadOnlyDictionary<string, Tensor> sd)
     {
         var model = new LpipsMetric(LpipsConfig.FromJson(f.Config!["metric_opts"]!));
-        StateDictLoader.Load(model, StateDict(f), strict: true, sourceName: f.Path);
+        StateDictLoader.Load(model, sd, strict: true, sourceName: f.Path);
         return model;
     }
 
@@ -74,12 +76,13 @@ public abstract class IqaLpipsCase : IParityCase
     }
 
     /// <summary>Checks of regenerated weights against the fixture's checksums (none by default).</summary>
-    protected virtual IEnumerable<CaseOutput> WeightChecks(Fixture f) => Array.Empty<CaseOutput>();
+    protected virtual IEnumerable<CaseOutput> WeightChecks(Fixture f, IReadOnlyDictionary<string, Tensor> sd) => Array.Empty<CaseOutput>();
 
     public IEnumerable<CaseOutput> Run(Fixture f)
     {
-        using var model = LoadModel(f);
-        foreach (var o in WeightChecks(f)) yield return o;
+        var sd = StateDict(f);
+        using var model = LoadModel(f, sd);
+        foreach (var o in WeightChecks(f, sd)) yield return o;
         var tol = Tolerances(f);
         Tolerance Tol(string name) => tol.TryGetValue(name, out var found) ? found : DefaultTolerance;
 
@@ -130,9 +133,8 @@ public sealed class IqaLpipsVggCase : IqaLpipsCase
         return sd;
     }
 
-    protected override IEnumerable<CaseOutput> WeightChecks(Fixture f)
+    protected override IEnumerable<CaseOutput> WeightChecks(Fixture f, IReadOnlyDictionary<string, Tensor> sd)
     {
-        var sd = StateDict(f);
         foreach (var (key, info) in f.MetaJson("hashinit")!.AsObject())
         {
             var w = sd[key].to_type(ScalarType.Float64).flatten();
