@@ -21,7 +21,7 @@ public sealed class ClipIqaCase : IParityCase
     public Tolerance DefaultTolerance => new(1e-5, 0);
 
     /// <summary>4× the fixture's float32-vs-float64 max_rel of the output (0 there — a pure concatenation — means exact).</summary>
-    internal static Tolerance Band(Fixture f, string output)
+    public static Tolerance Band(Fixture f, string output)
     {
         var rel = (double?)f.MetaJson("tolerance")?["f32_vs_f64"]?[output]?["max_rel"];
         return rel is null ? new(1e-5, 0) : new(4 * rel.Value, 0);
