@@ -104,7 +104,7 @@ let ``a batch of two scores each image as it scores alone, at an odd size too`` 
         (lo > 0.0f && hi < 1.0f) |> should be True
 
 [<Fact>]
-let ``the input must be in [0, 1] with pyiqa's 1e-6 slack, 4-D, 1 or 3 channels and at least 31 px a side`` () =
+let ``the input must be in [0, 1] with pyiqa's 1e-6 slack, 4-D, 1 or 3 channels, at least 31 px a side; float64 runs as float32`` () =
     use fx = Fixture.Load(fixture fixtureFile)
     use m = metricOf fx "a" ignore
     let x = fx.In "a.x"
@@ -122,6 +122,10 @@ let ``the input must be in [0, 1] with pyiqa's 1e-6 slack, 4-D, 1 or 3 channels 
     // 1 + 5e-7 is accepted (pyiqa's x.max() < 1 + 1e-6); 31 px works.
     use edge = m.Score((withPixel 1.0000005f).narrow(2L, 0L, 31L))
     edge.shape |> should equal [| 1L; 1L |]
+    // float64 input is computed in float32 (pyiqa's float32-casting LayerNorm cannot run CLIP in float64).
+    use s32 = m.Score x
+    use s64 = m.Score(x.to_type(torch.float64))
+    identical s32 s64 |> should be True
 
 [<Fact>]
 let ``a gray image is broadcast against the 3-channel mean and std, as pyiqa does`` () =

@@ -166,9 +166,10 @@ public sealed record ClipIqaResult(
 /// </remarks>
 public sealed class ClipIqaMetric : nn.Module
 {
-    // OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (pyiqa/archs/constants.py).
-    static readonly float[] Mean = { 0.48145466f, 0.4578275f, 0.40821073f };
-    static readonly float[] Std = { 0.26862954f, 0.26130258f, 0.27577711f };
+    // OPENAI_CLIP_MEAN / OPENAI_CLIP_STD (pyiqa/archs/constants.py): Python doubles made float32 by torch.Tensor(...),
+    // hence double literals rounded once to float.
+    static readonly float[] Mean = new[] { 0.48145466, 0.4578275, 0.40821073 }.Select(v => (float)v).ToArray();
+    static readonly float[] Std = new[] { 0.26862954, 0.26130258, 0.27577711 }.Select(v => (float)v).ToArray();
     const double RangeEps = 1e-6; // InferenceModel.eps of the input range check
 
     readonly OpenAiClip[] clipModel; // a plain array, not a registered submodule: CLIP is not in CLIPIQA.state_dict()
@@ -255,12 +256,14 @@ public sealed class ClipIqaMetric : nn.Module
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
         var clip = Clip;
-        // Official: clip_model = self.clip_model[0].to(x) — CLIP follows the input's device and dtype.
+        // Official: clip_model = self.clip_model[0].to(x) — CLIP follows the input's device. It would follow the
+        // dtype too, but pyiqa's float32-casting LayerNorm then meets float64 weights and fails; we run CLIP in its
+        // own dtype (float32) and cast the input to it instead.
         if (clip.positional_embedding.device != x.device) clip.to(x.device);
-        if (clip.positional_embedding.dtype != x.dtype) clip.to(x.dtype);
         if (PromptPairs.device != x.device) this.to(x.device);
-        var mean = torch.tensor(Mean, new long[] { 1, 3, 1, 1 }, device: x.device).to(x.dtype);
-        var std = torch.tensor(Std, new long[] { 1, 3, 1, 1 }, device: x.device).to(x.dtype);
+        x = x.to(clip.positional_embedding.dtype);
+        var mean = torch.tensor(Mean, new long[] { 1, 3, 1, 1 }, device: x.device);
+        var std = torch.tensor(Std, new long[] { 1, 3, 1, 1 }, device: x.device);
         var xn = (x - mean) / std;
 
         var visual = clip.EncodeImage(xn, Config.PosEmbedding);
@@ -291,8 +294,9 @@ public sealed class ClipIqaMetric : nn.Module
     /// Quality scores, as pyiqa's <c>InferenceModel('clipiqa' | 'clipiqa+')(x)</c> returns them.
     /// </summary>
     /// <param name="x">RGB images [N, 3, H, W] (or gray [N, 1, H, W], broadcast against the 3-channel mean/std as
-    /// pyiqa does), float, values in [0, 1] (checked with pyiqa's 1e-6 slack), any size with each side ≥ 31 px; the
-    /// image is NOT resized (CLIP's ResNet is fully convolutional and pyiqa feeds it the image as it is).</param>
+    /// pyiqa does), floating point (computed in float32), values in [0, 1] (checked with pyiqa's 1e-6 slack), any
+    /// size with each side ≥ 31 px; the image is NOT resized (CLIP's ResNet is fully convolutional and pyiqa feeds
+    /// it the image as it is). Any device: CLIP is moved to the input's device, as pyiqa does.</param>
     /// <returns>[N, 1] scores in (0, 1), higher is better.</returns>
     public Tensor Score(Tensor x)
     {
