@@ -175,6 +175,11 @@ let ``CLIP-IQA+ computes token_prefix and token_suffix from the token embedding 
     // ctx itself is learned: a strict load without it is refused.
     (fun () -> metricOf fx "c" (fun w -> w.Remove "prompt_learner.ctx" |> ignore) |> ignore)
     |> should throw typeof<DiffBIR.Lab.Checkpoints.StateDictMismatchException>
+    // 'clipiqa' has no prompt learner: its keys are unexpected there.
+    let mc = ClipIqaConfig.FromJson(fx.Config.["metric_opts"].["a"], fx.Config.["clip"])
+    use plain = new ClipIqaMetric(mc, fx.In "prompt_tokens", null)
+    (fun () -> plain.LoadStateDict(ClipIqaCase.WeightsWithTokenEmbedding(fx, mc.Clip)))
+    |> should throw typeof<DiffBIR.Lab.Checkpoints.StateDictMismatchException>
 
 [<Fact>]
 let ``loading rounds Conv, Linear, attention projections and text_projection to float16 as clip.load does; norms stay float32`` () =

@@ -159,7 +159,7 @@ public sealed record ClipIqaResult(
 /// <para>The image is normalised with OpenAI CLIP's mean/std and used at its own size (no resize, no crop). The
 /// normalised image and every prompt go through CLIP; the cosine logits are scaled by exp(logit_scale), grouped in
 /// antonym pairs [N, P/2, 2] (positive first) and soft-maxed per pair; the score is the mean positive probability.</para>
-/// <para>State dict: like the official module, <see cref="state_dict"/> holds only CLIPIQA's own keys — none for
+/// <para>State dict: like the official module, <c>state_dict()</c> holds only CLIPIQA's own keys — none for
 /// 'clipiqa', <c>prompt_learner.ctx / token_prefix / token_suffix</c> for 'clipiqa+'. The CLIP backbone is held
 /// outside it (the official code keeps it in a plain list) and is reached through <see cref="Clip"/>;
 /// <see cref="LoadStateDict"/> loads both from one dictionary with the official key names.</para>
@@ -227,14 +227,15 @@ public sealed class ClipIqaMetric : nn.Module
         const string P = "prompt_learner.";
         var clipPart = sd.Where(kv => !kv.Key.StartsWith(P, StringComparison.Ordinal)).ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
         var own = sd.Where(kv => kv.Key.StartsWith(P, StringComparison.Ordinal)).ToDictionary(kv => kv.Key, kv => kv.Value, StringComparer.Ordinal);
+        // Refuse before anything is copied (the CLIP load below is strict on its own keys).
+        if (strict && prompt_learner != null && !own.ContainsKey(P + "ctx"))
+            throw new StateDictMismatchException(sourceName, $"CLIPIQA('{Config.ModelType}')",
+                new LoadReport(new[] { P + "ctx" }, Array.Empty<string>(), Array.Empty<string>(), 0));
+        if (strict && prompt_learner == null && own.Count > 0)
+            throw new StateDictMismatchException(sourceName, $"CLIPIQA('{Config.ModelType}')",
+                new LoadReport(Array.Empty<string>(), own.Keys.ToList(), Array.Empty<string>(), 0));
         Clip.LoadStateDict(clipPart, strict, sourceName);
-        if (prompt_learner == null)
-        {
-            if (own.Count > 0 && strict)
-                throw new StateDictMismatchException(sourceName, $"CLIPIQA('{Config.ModelType}')",
-                    new LoadReport(Array.Empty<string>(), own.Keys.ToList(), Array.Empty<string>(), 0));
-            return;
-        }
+        if (prompt_learner == null) return;
         bool hasBuffers = own.ContainsKey(P + "token_prefix") && own.ContainsKey(P + "token_suffix");
         if (!hasBuffers)
         {

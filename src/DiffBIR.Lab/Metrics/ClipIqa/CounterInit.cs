@@ -29,7 +29,7 @@ public static class CounterInit
         return h;
     }
 
-    /// <summary>Element <paramref name="index"/> (row-major) of the tensor named <paramref name="key"/>.</summary>
+    /// <summary>Element <paramref name="index"/> (row-major) of the tensor whose <see cref="Base"/> is <paramref name="base"/>.</summary>
     public static float Value(ulong @base, long index, double a)
     {
         ulong z = unchecked(@base + (ulong)(index + 1) * 0x9E3779B97F4A7C15UL);
