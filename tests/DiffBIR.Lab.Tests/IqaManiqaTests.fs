@@ -22,7 +22,9 @@ let private tiny () =
     m, fx
 
 let private relDiff (a: torch.Tensor) (b: torch.Tensor) =
-    ((a - b).abs().max().item<float32>() |> float) / (b.abs().max().item<float32>() |> float)
+    use a64 = a.to_type(torch.ScalarType.Float64)
+    use b64 = b.to_type(torch.ScalarType.Float64)
+    (a64 - b64).abs().max().item<float>() / b64.abs().max().item<float>()
 
 // ---- the released layout ----------------------------------------------------------------------------------------
 
@@ -123,3 +125,32 @@ let ``input outside [0, 1], of the wrong rank or with 2 channels is refused as p
     (fun () -> m.Score(a.mul(torch.tensor(1.5f))) |> ignore) |> should throw typeof<ArgumentException>
     (fun () -> m.Score(a.[0L]) |> ignore) |> should throw typeof<ArgumentException>
     (fun () -> m.Score(a.narrow(1L, 0L, 2L)) |> ignore) |> should throw typeof<ArgumentException>
+
+/// Bilinear (align_corners=False) interpolation matrix [out, in] with PyTorch's source index max(0, (dst + 0.5)/sf − 0.5).
+let private bilinearMatrix (inSize: int) (outSize: int) (sf: float) =
+    let m = Array.zeroCreate<float> (outSize * inSize)
+    for d in 0 .. outSize - 1 do
+        let src = max 0.0 ((float d + 0.5) / sf - 0.5)
+        let i0 = int src
+        let i1 = if i0 < inSize - 1 then i0 + 1 else i0
+        let l = src - float i0
+        m.[d * inSize + i0] <- m.[d * inSize + i0] + (1.0 - l)
+        m.[d * inSize + i1] <- m.[d * inSize + i1] + l
+    torch.tensor(m, torch.ScalarType.Float64).reshape(int64 outSize, int64 inSize)
+
+[<Fact>]
+let ``the resize keeps the given factor 225/min for its source coordinates, not the output over input size`` () =
+    use fx = Fixture.Load(fixture fixtureFile)
+    // 37×51: sf = 225/37 gives 225 × 310, but 310/51 ≠ 225/37, so the two conventions differ along the width.
+    use x = fx.In("b.x").narrow(2L, 11L, 37L).narrow(3L, 5L, 51L).contiguous()
+    use resized = ManiqaMetric.Preprocess(x)
+    resized.shape |> should equal [| 1L; 3L; 225L; 310L |]
+    use xn = (x.to_type(torch.ScalarType.Float64) - 0.5) / 0.5
+    let sf = 225.0 / 37.0
+    let expectedWith (sfW: float) =
+        let ww: torch.Tensor = bilinearMatrix 51 310 sfW
+        torch.matmul(torch.matmul(bilinearMatrix 37 225 sf, xn), ww.t())
+    use given = expectedWith sf
+    use bySize = expectedWith (310.0 / 51.0)
+    relDiff (resized.to_type(torch.ScalarType.Float64)) given |> should be (lessThan 1e-5)
+    relDiff bySize given |> should be (greaterThan 1e-3)

@@ -155,7 +155,9 @@ public sealed class ManiqaMetric : nn.Module
         if (x.dim() != 4) throw new ArgumentException($"MANIQA: input must be [N, C, H, W], got [{string.Join(", ", x.shape)}]");
         if (x.shape[1] is not (1 or 3)) throw new ArgumentException($"MANIQA: input must be RGB or grey (1 or 3 channels), got {x.shape[1]}");
         if (x.dtype != ScalarType.Float32) throw new ArgumentException($"MANIQA: input must be float32, got {x.dtype}");
-        double min = x.min().item<float>(), max = x.max().item<float>();
+        using var mn = x.min();
+        using var mx = x.max();
+        double min = mn.item<float>(), max = mx.item<float>();
         if (!(min > -1e-6 && max < 1 + 1e-6))
             throw new ArgumentException($"MANIQA: input must be normalised to [0, 1], got min={min:F4}, max={max:F4}");
     }
