@@ -45,7 +45,8 @@ public sealed class TABlock : nn.Module<Tensor, Tensor>
 /// <param name="Resized">The normalised input ((x − 0.5)/0.5), resized when min(H, W) ≤ 224: [B, 3, H', W'].</param>
 /// <param name="CropOffsets">(top, left) of every crop in <paramref name="Resized"/>: int64 [crops, 2].</param>
 /// <param name="Crops">[B·crops, 3, 224, 224].</param>
-/// <param name="Vit6">Output of ViT block 6 (class token first): [B·crops, 1 + T², E]; likewise <paramref name="Vit9"/>.</param>
+/// <param name="Vit6">Output of ViT block 6 (class token first): [B·crops, 1 + T², E].</param>
+/// <param name="Vit9">Output of ViT block 9, likewise.</param>
 /// <param name="Tab1">After the last stage-1 TABlock: [B·crops, 4E, T²].</param>
 /// <param name="Conv1">[B·crops, E, T, T].</param>
 /// <param name="Swin1">[B·crops, E, T, T].</param>
