@@ -154,43 +154,6 @@ public sealed class IqaLpipsVggCase : IqaLpipsCase
 }
 
 /// <summary>
-/// The fixtures' counter-based initialisation of tensors too large to store (README "LPIPS-VGG trunk"; also CLIP's
-/// token embedding): base = FNV-1a-64 of UTF-8 "&lt;seed&gt;:&lt;key&gt;"; element i (row-major) is SplitMix64 output i,
-/// whose top 24 bits k give ((2k + 1) / 2²⁴ − 1) · a, computed in double and rounded to float32.
-/// </summary>
-public static class CounterInit
-{
-    public static ulong Fnv1a64(string s)
-    {
-        ulong h = 0xcbf29ce484222325UL;
-        foreach (var b in Encoding.UTF8.GetBytes(s)) { h ^= b; h *= 0x100000001b3UL; }
-        return h;
-    }
-
-    /// <summary>Values uniform in (−a, a) for one tensor, float32.</summary>
-    public static Tensor Uniform(long seed, string key, long[] shape, double a)
-    {
-        var n = shape.Aggregate(1L, (x, y) => x * y);
-        var baseValue = Fnv1a64($"{seed}:{key}");
-        var values = new float[n];
-        for (long i = 0; i < n; i++)
-        {
-            ulong z = unchecked(baseValue + (ulong)(i + 1) * 0x9E3779B97F4A7C15UL);
-            z = unchecked((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL);
-            z = unchecked((z ^ (z >> 27)) * 0x94D049BB133111EBUL);
-            z ^= z >> 31;
-            ulong k = z >> 40;
-            values[i] = (float)(((2.0 * k + 1.0) / 16777216.0 - 1.0) * a);
-        }
-        return torch.tensor(values, shape);
-    }
-
-    /// <summary>README: a = sqrt(3 / fan_in) for conv weights (fan_in = in·kh·kw), 0.1·sqrt(3) for biases.</summary>
-    public static double Amplitude(string key, long[] shape) =>
-        key.EndsWith(".bias", StringComparison.Ordinal) ? 0.1 * Math.Sqrt(3.0) : Math.Sqrt(3.0 / shape.Skip(1).Aggregate(1L, (x, y) => x * y));
-}
-
-/// <summary>
 /// iqa/schema/lpips_alex.json and lpips_vgg.json: the full-size LPIPS as pyiqa builds it (InferenceModel('lpips') /
 /// ('lpips-vgg')) has exactly the official keys and shapes, built on the meta device; key and value counts as
 /// schema/summary.json states them.

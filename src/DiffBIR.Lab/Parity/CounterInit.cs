@@ -2,7 +2,7 @@ using System.Text;
 using TorchSharp;
 using static TorchSharp.torch;
 
-namespace DiffBIR.Lab.Metrics.ClipIqa;
+namespace DiffBIR.Lab.Parity;
 
 /// <summary>
 /// The counter-based generator the IQA fixtures use for tensors too large to store (fixtures/iqa/README.md, LPIPS-VGG
@@ -54,6 +54,10 @@ public static class CounterInit
         });
         return torch.tensor(values, shape, ScalarType.Float32);
     }
+
+    /// <summary>LPIPS-VGG trunk (README): a = sqrt(3 / fan_in) for conv weights (fan_in = in·kh·kw), 0.1·sqrt(3) for biases.</summary>
+    public static double Amplitude(string key, long[] shape) =>
+        key.EndsWith(".bias", StringComparison.Ordinal) ? 0.1 * Math.Sqrt(3.0) : Math.Sqrt(3.0 / shape.Skip(1).Aggregate(1L, (x, y) => x * y));
 
     /// <summary>
     /// CLIP's token embedding as the clipiqa fixture defines it: [vocab, width], uniform with the standard deviation
