@@ -58,7 +58,7 @@ public sealed class MusiqModel : nn.Module
         Config = config;
         if (config.PatchSize % 4 != 0) throw new ArgumentException($"MUSIQ: patch_size {config.PatchSize} must be a multiple of 4 (the stem reduces by 4)");
         conv_root = new StdConv(3, ResnetTokenDim, 7, 2);
-        gn_root = nn.GroupNorm(32, ResnetTokenDim, eps: 1e-6);
+        gn_root = GroupNorm32.Create(ResnetTokenDim, 1e-6);
         block1 = new MusiqBottleneck(ResnetTokenDim, ResnetTokenDim * 4);
         var tokenPatchSize = config.PatchSize / 4;
         embedding = nn.Linear(ResnetTokenDim * 4 * tokenPatchSize * tokenPatchSize, config.HiddenSize);
@@ -78,7 +78,8 @@ public sealed class MusiqModel : nn.Module
     public Tensor Score(Tensor x)
     {
         using var scope = NewDisposeScope();
-        using var trace = Trace(x);
+        // The other intermediates stay in this scope and are freed with it (disposing the trace would free the score too).
+        var trace = Trace(x);
         return trace.Score.MoveToOuterDisposeScope();
     }
 

@@ -19,6 +19,23 @@ internal static class SamePadding
     }
 }
 
+/// <summary>GroupNorm(32, C, eps) with PyTorch's initial affine values (weight 1, bias 0).</summary>
+internal static class GroupNorm32
+{
+    // TorchSharp 0.107's nn.GroupNorm leaves its affine parameters uninitialised (seen: values up to 1e31); set them as
+    // PyTorch does so that a model used before loading weights is at least finite.
+    public static GroupNorm Create(long channels, double eps)
+    {
+        var gn = nn.GroupNorm(32, channels, eps: eps);
+        using (no_grad())
+        {
+            gn.weight!.fill_(1);
+            gn.bias!.fill_(0);
+        }
+        return gn;
+    }
+}
+
 /// <summary>
 /// Weight-standardised convolution (official <c>StdConv</c>, no bias): Ŵ = (W − mean W) / (std W + 1e-5) per output
 /// channel over (in, kh, kw), std unbiased; TF 'SAME' zero padding.
@@ -59,15 +76,15 @@ public sealed class MusiqBottleneck : nn.Module<Tensor, Tensor>
     {
         var width = inplanes;
         conv1 = new StdConv(inplanes, width, 1, 1);
-        gn1 = nn.GroupNorm(32, width, eps: 1e-4);
+        gn1 = GroupNorm32.Create(width, 1e-4);
         conv2 = new StdConv(width, width, 3, 1);
-        gn2 = nn.GroupNorm(32, width, eps: 1e-4);
+        gn2 = GroupNorm32.Create(width, 1e-4);
         conv3 = new StdConv(width, outplanes, 1, 1);
-        gn3 = nn.GroupNorm(32, outplanes, eps: 1e-4);
+        gn3 = GroupNorm32.Create(outplanes, 1e-4);
         if (inplanes != outplanes || stride != 1)
         {
             conv_proj = new StdConv(inplanes, outplanes, 1, stride);
-            gn_proj = nn.GroupNorm(32, outplanes, eps: 1e-4);
+            gn_proj = GroupNorm32.Create(outplanes, 1e-4);
         }
         RegisterComponents();
     }
