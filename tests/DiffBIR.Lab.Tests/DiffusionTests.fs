@@ -134,7 +134,9 @@ let private image (seed: int64) h w =
 let ``weight map is 1 − tanh of the 2×2 patch sum of Sobel magnitudes (official map)`` () =
     use f = Fixture.Load(fixture (Path.Combine("v2.0.0", "weight_map.safetensors")))
     let w = GradientMap.WeightMap(f.In "wmap0.image", 2)
-    maxAbs w (f.Out "wmap0.weight") |> should equal 0.0
+    // Bit-exact on some CPUs; on others libtorch's vectorised tanh/sqrt (chosen by the CPU's instruction set) is one
+    // float32 ulp off near 1.0 (5.96e-8 seen). Two ulps is still far below any real difference.
+    maxAbs w (f.Out "wmap0.weight") |> should be (lessThanOrEqualTo 1.2e-7)
     let mag = GradientMap.SobelMagnitude(f.In "wmap0.image")
     let manual = 1.0f - MathF.Tanh(mag.[0L, 0L, 2L, 4L].item<float32>() + mag.[0L, 0L, 2L, 5L].item<float32>() + mag.[0L, 0L, 3L, 4L].item<float32>() + mag.[0L, 0L, 3L, 5L].item<float32>())
     w.[0L, 0L, 3L, 5L].item<float32>() |> should (equalWithin 1e-6) manual

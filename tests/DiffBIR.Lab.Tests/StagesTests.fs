@@ -1,6 +1,7 @@
 /// The five stages of DiffBIR (restore, encode, sample-step, guide, decode) with the real tiny ControlLDM: the
 /// official v2.0.0 guided and tiled samplers reproduced, a user's ten-line loop equal to the built-in one, tiled
 /// sampling with guidance, cancellation, and a flat tensor count over a long guided run.
+[<Xunit.Collection("torch-threads")>]
 module DiffBIR.Lab.Tests.StagesTests
 
 open System

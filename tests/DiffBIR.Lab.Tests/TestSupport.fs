@@ -47,3 +47,8 @@ let assertParity (relative: string) =
         |> String.concat "\n"
     Assert.True((report.Status = CaseStatus.Pass), sprintf "%s: %O %s\n%s" relative report.Status (defaultArg (Option.ofObj report.Message) "") failures)
     report
+
+/// Tests that change libtorch's process-wide thread count run alone (after the parallel ones): another test running
+/// meanwhile would compute with that count, and some kernels round differently with 1 thread than with 2.
+[<CollectionDefinition("torch-threads", DisableParallelization = true)>]
+type TorchThreadsCollection() = class end

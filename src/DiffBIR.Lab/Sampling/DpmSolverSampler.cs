@@ -13,7 +13,11 @@ namespace DiffBIR.Lab.Sampling;
 /// later steps use the previous evaluation; with fewer than 10 steps the last step is first order again
 /// (lower_order_final). Both CFG branches go through the network in one batch [negative; positive].
 /// The schedule arithmetic is done with float32 tensors, as the official code does.
-/// Guidance: DPM-Solver++ works on the data prediction, so a guided x̂₀ simply replaces it (and its history entry).
+/// Guidance: DPM-Solver++ works on the data prediction; the guided x̂₀ replaces it in the update that follows, with
+/// <see cref="ModelRequest.X0Coefficient"/> the weight of x̂₀ in that update (second order: (1 + 1/(2r₀)) times the
+/// first-order weight), so the next state moves by exactly the guide's Δ. The multistep history keeps the model's own
+/// x̂₀: a guided entry would be extrapolated against by the next second-order step (its weight −1/(2r₀) is large near
+/// the end), which pulled the result away from the target as the scale grew.
 /// </summary>
 public sealed class DpmSolverSampler : Sampler
 {
@@ -129,9 +133,21 @@ public sealed class DpmSolverSampler : Sampler
             Func<Tensor, Tensor> toX0 = noise => (xs - sigmaT * noise) / alphaT;
             Func<Tensor, Tensor> fromX0 = x0 => (xs - alphaT * x0) / sigmaT;
             var lamS = ns.MarginalLambda(t);
-            double coef = PlusPlus && ti < steps
-                ? -(ns.MarginalAlpha(timesteps[ti + 1]) * torch.expm1(-(ns.MarginalLambda(timesteps[ti + 1]) - lamS))).item<float>()
-                : 1.0;
+            double coef = 1.0;
+            if (PlusPlus && ti < steps)
+            {
+                // ∂x_next/∂x̂₀ of the update that follows: first order −α_next·φ₁(h); second order adds the
+                // extrapolation term, (1 + 1/(2·r0)) times that (r0 = h_prev / h).
+                var h = ns.MarginalLambda(timesteps[ti + 1]) - lamS;
+                coef = -(ns.MarginalAlpha(timesteps[ti + 1]) * torch.expm1(-h)).item<float>();
+                int next = ti + 1;
+                int nextOrder = next < SolverOrder ? next : steps < 10 ? Math.Min(SolverOrder, steps + 1 - next) : SolverOrder;
+                if (nextOrder == 2 && ti >= 1)
+                {
+                    var h0 = lamS - ns.MarginalLambda(timesteps[ti - 1]);
+                    coef *= 1 + 0.5 / (h0 / h).item<float>();
+                }
+            }
             var r = new ModelRequest
             {
                 X = xs, T = tInput, Step = step, Timestep = (int)Math.Round(tInput[0].item<float>()), CfgScale = cfg,
@@ -140,38 +156,45 @@ public sealed class DpmSolverSampler : Sampler
             };
             return ctx.Ask(r, keep.Append(alphaT).Append(sigmaT).Append(tC).ToArray());
         }
-        Tensor ModelValue() => PlusPlus ? ctx.PredictedX0 : ctx.Output;
+        Tensor? delta = null;
+        // ++: history = the model's x̂₀; the guide's shift of the newest entry goes into the next update only.
+        Tensor ModelValue()
+        {
+            if (!PlusPlus) return ctx.Output;
+            delta = ctx.GuidanceDelta;
+            return ctx.ModelX0;
+        }
 
         yield return Ask(x, 0, 0);
         prevModels.Add(ModelValue()); prevTs.Add(0);
         for (int step = 1; step < SolverOrder; step++)
         {
-            x = Update(ns, x, prevModels, prevTs, timesteps, step, step);
-            yield return Ask(x, step, step, prevModels.ToArray());
+            x = Update(ns, x, prevModels, prevTs, timesteps, step, step, delta);
+            yield return Ask(x, step, step, delta is null ? prevModels.ToArray() : prevModels.Append(delta).ToArray());
             prevTs.Add(step); prevModels.Add(ModelValue());
         }
         for (int step = SolverOrder; step <= steps; step++)
         {
             int stepOrder = steps < 10 ? Math.Min(SolverOrder, steps + 1 - step) : SolverOrder;
-            x = Update(ns, x, prevModels, prevTs, timesteps, step, stepOrder);
+            x = Update(ns, x, prevModels, prevTs, timesteps, step, stepOrder, delta);
             for (int i = 0; i < SolverOrder - 1; i++) { prevTs[i] = prevTs[i + 1]; prevModels[i] = prevModels[i + 1]; }
             prevTs[^1] = step;
             if (step < steps)
             {
-                yield return Ask(x, step, step, prevModels.ToArray());
+                yield return Ask(x, step, step, delta is null ? prevModels.ToArray() : prevModels.Append(delta).ToArray());
                 prevModels[^1] = ModelValue();
             }
         }
         ctx.Result = x;
     }
 
-    Tensor Update(ContinuousSchedule ns, Tensor x, List<Tensor> models, List<int> ts, Tensor timesteps, int step, int order)
+    Tensor Update(ContinuousSchedule ns, Tensor x, List<Tensor> models, List<int> ts, Tensor timesteps, int step, int order, Tensor? delta = null)
     {
         var t = timesteps[step];
         if (order == 1)
         {
             var s = timesteps[ts[^1]];
-            var modelS = models[^1];
+            var modelS = delta is null ? models[^1] : models[^1] + delta;
             var lamS = ns.MarginalLambda(s); var lamT = ns.MarginalLambda(t);
             var h = lamT - lamS;
             var logAlphaS = ns.MarginalLogMeanCoeff(s); var logAlphaT = ns.MarginalLogMeanCoeff(t);
@@ -190,7 +213,7 @@ public sealed class DpmSolverSampler : Sampler
         }
         else
         {
-            var m1 = models[^2]; var m0 = models[^1];
+            var m1 = models[^2]; var m0 = delta is null ? models[^1] : models[^1] + delta;
             var tp1 = timesteps[ts[^2]]; var tp0 = timesteps[ts[^1]];
             var lp1 = ns.MarginalLambda(tp1); var lp0 = ns.MarginalLambda(tp0); var lt = ns.MarginalLambda(t);
             var logAlphaP0 = ns.MarginalLogMeanCoeff(tp0); var logAlphaT = ns.MarginalLogMeanCoeff(t);

@@ -34,11 +34,16 @@ public sealed class EdmDpm2 : EdmSampler
                 var sigmaMid = sigmaHat.log().lerp(e.S(i + 1).log(), torch.tensor(0.5f)).exp();
                 var dt1 = sigmaMid - sigmaHat;
                 var dt2 = e.S(i + 1) - sigmaHat;
-                var x2 = x + d * dt1;
-                yield return Denoise(e, x2, sigmaMid, e.S(i + 1), i, false, x, sigmaMid, dt2);
+                // Guidance: the midpoint uses the model's own x̂₀ and the step's result is shifted with the
+                // first-order weight 1 − σ_{i+1}/σ̂ (through the midpoint slope the shift would reverse its sign).
+                var shift = e.Ctx.GuidanceDelta;
+                var dModel = shift is null ? d : ToD(x, sigmaHat, e.Ctx.ModelX0);
+                var x2 = x + dModel * dt1;
+                yield return Denoise(e, x2, sigmaMid, e.S(i + 1), i, false, x, sigmaMid, dt2, shift, sigmaHat);
                 var denoised2 = e.Ctx.PredictedX0;
                 var d2 = ToD(x2, sigmaMid, denoised2);
                 x = x + d2 * dt2;
+                if (shift is not null) x = x + shift * (1 - e.S(i + 1) / sigmaHat);
             }
         }
         e.Ctx.Result = x;

@@ -17,9 +17,10 @@ public sealed class EdmDpm2Ancestral : EdmSampler
     {
         for (int i = 0; i < e.N; i++)
         {
-            yield return Denoise(e, x, e.S(i), e.S(i + 1), i, true);
-            var denoised = e.Ctx.PredictedX0;
             var (down, up) = AncestralStep(e.S(i), e.S(i + 1), Options.Eta);
+            // the x̂₀ weight of this step is that of an Euler step to σ_down
+            yield return Denoise(e, x, e.S(i), down, i, true, down, up);
+            var denoised = e.Ctx.PredictedX0;
             Callback(e, x, denoised);
             var d = ToD(x, e.S(i), denoised);
             if (down.item<float>() == 0f)
@@ -32,11 +33,14 @@ public sealed class EdmDpm2Ancestral : EdmSampler
                 var sigmaMid = e.S(i).log().lerp(down.log(), torch.tensor(0.5f)).exp();
                 var dt1 = sigmaMid - e.S(i);
                 var dt2 = down - e.S(i);
-                var x2 = x + d * dt1;
-                yield return Denoise(e, x2, sigmaMid, down, i, false, x, sigmaMid, dt2, up);
+                var shift = e.Ctx.GuidanceDelta;                         // as in EdmDpm2
+                var dModel = shift is null ? d : ToD(x, e.S(i), e.Ctx.ModelX0);
+                var x2 = x + dModel * dt1;
+                yield return Denoise(e, x2, sigmaMid, down, i, false, x, sigmaMid, dt2, up, shift, down);
                 var denoised2 = e.Ctx.PredictedX0;
                 var d2 = ToD(x2, sigmaMid, denoised2);
                 x = x + d2 * dt2;
+                if (shift is not null) x = x + shift * (1 - down / e.S(i));
                 x = x + e.Ctx.RandnLike(x) * Options.SNoise * up;
             }
         }

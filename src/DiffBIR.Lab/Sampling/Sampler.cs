@@ -80,6 +80,12 @@ public sealed class SamplerContext
     /// <summary>x̂₀ of the last request: the guided one if the caller supplied it, else the model's.</summary>
     public Tensor PredictedX0 => GuidedX0 ?? Pending!.ToX0(RawOutput!);
 
+    /// <summary>The model's own x̂₀ of the last request (before any guidance).</summary>
+    public Tensor ModelX0 => Pending!.ToX0(RawOutput!);
+
+    /// <summary>What the guide added to x̂₀ at the last request, or null when it was left alone.</summary>
+    public Tensor? GuidanceDelta => GuidedX0 is null ? null : GuidedX0 - Pending!.ToX0(RawOutput!);
+
     /// <summary>Whether the caller replaced x̂₀ for the last request.</summary>
     public bool Guided => GuidedX0 is not null;
 
