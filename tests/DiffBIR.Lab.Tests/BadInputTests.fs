@@ -12,6 +12,7 @@ open Xunit
 open FsUnit.Xunit
 open SixLabors.ImageSharp
 open SixLabors.ImageSharp.PixelFormats
+open TorchSharp
 open DiffBIR.Lab.Tests.TestSupport
 
 /// Runs `diffbir-lab ARGS` in `cwd`; returns exit code, stdout, stderr.
@@ -233,6 +234,16 @@ let ``bad input gets one clear line and a documented exit code`` (name: string) 
 let ``the catalogue has at least 40 cases`` () = cases.Length |> should be (greaterThanOrEqualTo 40)
 
 [<Fact>]
+let ``this process runs the pinned libtorch, and says so`` () =
+    DiffBIR.Lab.RunInfo.UsePinnedLibTorch() |> ignore
+    use _t = torch.ones(2L)
+    DiffBIR.Lab.RunInfo.LibTorchVersion |> should equal DiffBIR.Lab.RunInfo.PinnedLibTorch
+    DiffBIR.Lab.RunInfo.LibTorchWarning() |> should equal null
+    let m = DiffBIR.Lab.RunInfo.Manifest("cpu", 7L)
+    m.["threads"].GetValue<int>() |> should be (greaterThan 0)
+    m.["seed"].GetValue<int64>() |> should equal 7L
+
+[<Fact>]
 let ``an output cut short is redone on the rerun, an intact one is skipped`` () =
     use dir = new TempDir()
     oneImage dir.Path
@@ -241,6 +252,11 @@ let ``an output cut short is redone on the rerun, an intact one is skipped`` () 
     Assert.True((code = 0), err)
     let png = Path.Combine(dir.Path, "out", "a.png")
     let good = File.ReadAllBytes png
+    // the manifest records what the run used: the output's hash, libtorch (version and file), threads
+    let m = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, "out", "a.json")))
+    m.["output_sha256"].GetValue<string>() |> should equal (Convert.ToHexStringLower(SHA256.HashData good))
+    m.["versions"].["libtorch"].GetValue<string>() |> should equal DiffBIR.Lab.RunInfo.PinnedLibTorch
+    m.["threads"].GetValue<int>() |> should equal Environment.ProcessorCount
     let code2, out2, _ = run3 dir.Path args
     code2 |> should equal 0
     out2 |> should haveSubstring "1 up to date"
