@@ -97,22 +97,7 @@ public sealed class ClipIqaCase : IParityCase
 }
 
 /// <summary>Full-size schema checks of the IQA folder (iqa/schema/*.json with iqa/schema/summary.json's counts).</summary>
-public abstract class ClipIqaSchemaCaseBase : SchemaCase
-{
-    public override IEnumerable<CaseOutput> Run(Fixture fixture)
-    {
-        var schema = Schema.Load(fixture.Path);
-        var summary = JsonNode.Parse(File.ReadAllText(Path.Combine(Path.GetDirectoryName(fixture.Path)!, "summary.json")))!["summary"]![SummaryKey]!;
-        var (report, keys, values) = Measure(Build, schema);
-        static string First(IReadOnlyList<string> xs) => xs.Count == 0 ? "" : $" (first: {xs[0]})";
-        yield return Count("missing keys" + First(report!.Missing), report.Missing.Count, 0);
-        yield return Count("unexpected keys" + First(report.Unexpected), report.Unexpected.Count, 0);
-        yield return Count("shape mismatches" + First(report.ShapeMismatches), report.ShapeMismatches.Count, 0);
-        yield return Count("keys (summary.json)", keys, (long)summary["keys"]!);
-        yield return Count("values (summary.json)", values, (long)summary["numel"]!);
-        yield return Count("values (schema file)", values, schema.NumElements);
-    }
-}
+public abstract class ClipIqaSchemaCaseBase : IqaSchemaCase { }
 
 /// <summary>iqa/schema/clip_rn50.json: OpenAI CLIP RN50 as build_model constructs it (489 keys), built on the meta device.</summary>
 public sealed class ClipRn50SchemaCase : ClipIqaSchemaCaseBase

@@ -158,27 +158,10 @@ public sealed class IqaLpipsVggCase : IqaLpipsCase
 /// ('lpips-vgg')) has exactly the official keys and shapes, built on the meta device; key and value counts as
 /// schema/summary.json states them.
 /// </summary>
-public abstract class IqaLpipsSchemaCase : IParityCase
+public abstract class IqaLpipsSchemaCase : IqaSchemaCase
 {
-    public abstract string Case { get; }
-    public abstract string Description { get; }
-    public Tolerance DefaultTolerance => new(0, 0);
-    protected abstract string SummaryKey { get; }
     protected abstract LpipsConfig Config { get; }
-
-    public IEnumerable<CaseOutput> Run(Fixture fixture)
-    {
-        var schema = Schema.Load(fixture.Path);
-        var summary = JsonNode.Parse(File.ReadAllText(Path.Combine(Path.GetDirectoryName(fixture.Path)!, "summary.json")))!["summary"]![SummaryKey]!;
-        var (report, keys, values) = SchemaCase.Measure(() => new LpipsMetric(Config), schema);
-        static string First(IReadOnlyList<string> xs) => xs.Count == 0 ? "" : $" (first: {xs[0]})";
-        yield return SchemaCase.Count("missing keys" + First(report!.Missing), report.Missing.Count, 0);
-        yield return SchemaCase.Count("unexpected keys" + First(report.Unexpected), report.Unexpected.Count, 0);
-        yield return SchemaCase.Count("shape mismatches" + First(report.ShapeMismatches), report.ShapeMismatches.Count, 0);
-        yield return SchemaCase.Count("keys (summary.json)", keys, (long)summary["keys"]!);
-        yield return SchemaCase.Count("values (summary.json)", values, (long)summary["numel"]!);
-        yield return SchemaCase.Count("values (schema file)", values, schema.NumElements);
-    }
+    protected override nn.Module Build() => new LpipsMetric(Config);
 }
 
 public sealed class IqaLpipsAlexSchemaCase : IqaLpipsSchemaCase

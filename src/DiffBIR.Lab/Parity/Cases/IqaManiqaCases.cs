@@ -59,25 +59,10 @@ public sealed class IqaManiqaCase : IParityCase
 /// iqa/schema/maniqa.json: the full-size MANIQA of the released <c>maniqa</c> metric (koniq, scale 0.8, timm
 /// vit_base_patch8_224 incl. its unused head), built on the meta device, has exactly the official keys and shapes.
 /// </summary>
-public sealed class IqaManiqaSchemaCase : SchemaCase
+public sealed class IqaManiqaSchemaCase : IqaSchemaCase
 {
     public override string Case => "schema_maniqa";
     public override string Description => "full-size MANIQA state_dict keys and shapes (ViT-B/8 + 2 stages), built on the meta device";
     protected override string SummaryKey => "maniqa";
     protected override nn.Module Build() => new ManiqaMetric(ManiqaConfig.Koniq);
-
-    /// <summary>The IQA schemas keep their counts in summary.json (not loading.json).</summary>
-    public override IEnumerable<CaseOutput> Run(Fixture fixture)
-    {
-        var schema = Schema.Load(fixture.Path);
-        var summary = JsonNode.Parse(File.ReadAllText(Path.Combine(Path.GetDirectoryName(fixture.Path)!, "summary.json")))!["summary"]![SummaryKey]!;
-        var (report, keys, values) = Measure(Build, schema);
-        static string First(IReadOnlyList<string> xs) => xs.Count == 0 ? "" : $" (first: {xs[0]})";
-        yield return Count("missing keys" + First(report!.Missing), report.Missing.Count, 0);
-        yield return Count("unexpected keys" + First(report.Unexpected), report.Unexpected.Count, 0);
-        yield return Count("shape mismatches" + First(report.ShapeMismatches), report.ShapeMismatches.Count, 0);
-        yield return Count("keys (summary.json)", keys, (long)summary["keys"]!);
-        yield return Count("values (summary.json)", values, (long)summary["numel"]!);
-        yield return Count("values (schema file)", values, schema.NumElements);
-    }
 }

@@ -72,24 +72,10 @@ public sealed class IqaMusiqAvaCase : IqaMusiqCaseBase
 /// iqa/schema/musiq*.json: the full-size MUSIQ of a released checkpoint, built on the meta device, has exactly the
 /// official keys and shapes; counts from iqa/schema/summary.json.
 /// </summary>
-public abstract class IqaMusiqSchemaCaseBase : SchemaCase
+public abstract class IqaMusiqSchemaCaseBase : IqaSchemaCase
 {
     protected abstract MusiqConfig Config { get; }
     protected override nn.Module Build() => new MusiqModel(Config);
-
-    public override IEnumerable<CaseOutput> Run(Fixture fixture)
-    {
-        var schema = Schema.Load(fixture.Path);
-        var summary = JsonNode.Parse(File.ReadAllText(Path.Combine(Path.GetDirectoryName(fixture.Path)!, "summary.json")))!["summary"]![SummaryKey]!;
-        var (report, keys, values) = Measure(Build, schema);
-        static string First(IReadOnlyList<string> xs) => xs.Count == 0 ? "" : $" (first: {xs[0]})";
-        yield return Count("missing keys" + First(report!.Missing), report.Missing.Count, 0);
-        yield return Count("unexpected keys" + First(report.Unexpected), report.Unexpected.Count, 0);
-        yield return Count("shape mismatches" + First(report.ShapeMismatches), report.ShapeMismatches.Count, 0);
-        yield return Count("keys (summary.json)", keys, (long)summary["keys"]!);
-        yield return Count("values (summary.json)", values, (long)summary["numel"]!);
-        yield return Count("values (schema file)", values, schema.NumElements);
-    }
 }
 
 /// <summary>schema/musiq.json: MUSIQ() defaults with num_class 1 (musiq_koniq / spaq / paq2piq checkpoints).</summary>
