@@ -35,6 +35,36 @@ public sealed class SeededNoise : INoiseSource, IDisposable
 }
 
 /// <summary>
+/// One seeded stream per batch element: draw k of element i comes from element i's own generator, so a batch
+/// [x₁; x₂] gets exactly the noise that x₁ and x₂ get when run alone with <see cref="SeededNoise"/> of their seeds —
+/// batched runs then equal one-at-a-time runs up to the networks' own batch arithmetic.
+/// </summary>
+public sealed class BatchNoise : INoiseSource, IDisposable
+{
+    readonly Generator[] _gens;
+    public IReadOnlyList<long> Seeds { get; }
+
+    public BatchNoise(IReadOnlyList<long> seeds)
+    {
+        if (seeds.Count == 0) throw new ArgumentException("BatchNoise needs at least one seed");
+        Seeds = seeds.ToArray();
+        _gens = seeds.Select(s => new Generator((ulong)s, torch.CPU)).ToArray();
+    }
+
+    public Tensor Next(Tensor like)
+    {
+        if (like.shape[0] != _gens.Length)
+            throw new ArgumentException($"BatchNoise has {_gens.Length} seeds, but a draw of batch {like.shape[0]} was asked for");
+        var one = like.shape.Skip(1).Prepend(1L).ToArray();
+        using var scope = torch.NewDisposeScope();
+        var parts = _gens.Select(g => torch.randn(one, ScalarType.Float32, torch.CPU, generator: g)).ToArray();
+        return torch.cat(parts, 0).to(like.dtype).to(like.device).MoveToOuterDisposeScope();
+    }
+
+    public void Dispose() { foreach (var g in _gens) g.Dispose(); }
+}
+
+/// <summary>
 /// Replays recorded draws in order (the fixtures' <c>in.&lt;run&gt;.noise</c>, stacked [K, ...]). Asking for more
 /// draws than were recorded, or for a different shape, is an error that names the draw.
 /// </summary>
