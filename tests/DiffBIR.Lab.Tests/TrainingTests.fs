@@ -124,3 +124,56 @@ let ``stage 1: a saved checkpoint has the official keys and reloads with identic
     y0m.eval() |> ignore
     use y0 = y0m.forward lq
     (y1 - y0).abs().max().item<float32>() |> should be (greaterThan 0.0f)
+
+// ---- stage 2 ----
+
+let private stage2Eps = "training/train_stage2_eps.safetensors"
+let private stage2V = "training/train_stage2_v.safetensors"
+
+[<Fact>]
+let ``stage 2 (v2.1, v): a learning rate 10% off fails the stepped ControlNet, not its gradients`` () =
+    use fx = Fixture.Load(fixture stage2V)
+    let bad = failing fx (TrainStage2CaseBase.Run(fx, TrainingCaseOptions(LearningRate = Nullable 1.1e-5))) (Tolerance(2e-5, 0.0))
+    bad |> should contain "step1 elements beyond stepAtol + the step error implied by the gradient tolerance"
+    bad |> List.exists (fun n -> n.StartsWith "step1 from the official grads.") |> should be True
+    bad |> List.filter (fun n -> n.StartsWith "grad." || n = "loss" || n = "model_output") |> should be Empty
+
+[<Fact>]
+let ``stage 2 (v2, eps): a lost draw is refused, naming the draw and what it was for`` () =
+    use fx = Fixture.Load(fixture stage2Eps)
+    // Draw 1 is t (randint); without it the diffusion noise (randn) would be asked for where t was recorded.
+    let ex = Assert.Throws<InvalidOperationException>(fun () -> TrainStage2CaseBase.Run(fx, TrainingCaseOptions(DropDraw = 1)) |> List.ofSeq |> ignore)
+    ex.Message |> should haveSubstring "draw 1"
+    ex.Message |> should haveSubstring "'t'"
+
+[<Fact>]
+let ``stage 2: only the ControlNet learns, and its checkpoint has the official keys and reloads exactly`` () =
+    use fx = Fixture.Load(fixture stage2V)
+    let cfg = fx.Config
+    let tok = DiffBIR.Lab.Models.Clip.ClipTokenizer(fixture "bpe_simple_vocab_16e6.txt.gz")
+    use cldm = new DiffBIR.Lab.Models.ControlLDM(DiffBIR.Lab.Models.ControlLdmConfig.FromJson cfg.["cldm"], tok)
+    cldm.LoadComponents((fun name -> fx.Weights name :> Collections.Generic.IReadOnlyDictionary<_, _>), fx.Path)
+    use swin = new SwinIR(SwinIRConfig.FromJson cfg.["swinir"])
+    StateDictLoader.Load(swin, fx.Weights "swinir", true, "swinir") |> ignore
+    let unetBefore = cldm.unet.state_dict() |> Seq.map (fun kv -> kv.Key, kv.Value.clone()) |> dict
+    let opt = Stage2Trainer.CreateOptimizer(cldm, Stage2Trainer.LearningRateV2_1)
+    use draws = new SeededTrainingDraws(7L)
+    use r = Stage2Trainer.Step(cldm, swin, DiffBIR.Lab.Diffusion.NoiseSchedule.V2_1, Stage2Trainer.NoiseAugV2_1,
+                               fx.In "gt", fx.In "lq", [| "a photo" |], opt, draws)
+    Double.IsFinite(r.Loss.item<float32>() |> float) |> should be True
+    r.T.item<int64>() |> should be (lessThan 1000L)
+    for kv in cldm.unet.state_dict() do
+        (kv.Value - unetBefore.[kv.Key]).abs().max().item<float32>() |> should equal 0.0f
+    cldm.unet.parameters() |> Seq.forall (fun p -> not p.requires_grad) |> should be True
+    use dir = new TempDir()
+    let path = dir.File "controlnet.safetensors"
+    TrainingCheckpoint.Save(cldm.controlnet, path, 1L)
+    let content = SafeTensors.Load path
+    (content.Tensors.Keys |> Set.ofSeq) |> should equal (fx.Weights("controlnet").Keys |> Set.ofSeq)
+    use cn2 = new DiffBIR.Lab.Models.ControlLDM(DiffBIR.Lab.Models.ControlLdmConfig.FromJson cfg.["cldm"], tok)
+    cn2.LoadComponents((fun name -> (if name = "controlnet" then content.Tensors else fx.Weights name) :> Collections.Generic.IReadOnlyDictionary<_, _>), path)
+    for kv in cldm.controlnet.state_dict() do
+        (kv.Value - cn2.controlnet.state_dict().[kv.Key]).abs().max().item<float32>() |> should equal 0.0f
+    // the step moved the ControlNet
+    let moved = cldm.controlnet.state_dict() |> Seq.exists (fun kv -> (kv.Value - fx.Weights("controlnet").[kv.Key]).abs().max().item<float32>() > 0.0f)
+    moved |> should be True
