@@ -177,3 +177,51 @@ let ``stage 2: only the ControlNet learns, and its checkpoint has the official k
     // the step moved the ControlNet
     let moved = cldm.controlnet.state_dict() |> Seq.exists (fun kv -> (kv.Value - fx.Weights("controlnet").[kv.Key]).abs().max().item<float32>() > 0.0f)
     moved |> should be True
+
+// ---- second-order degradation (RealESRGANBatchTransform) ----
+
+let private degradation2 = "training/degradation_second_order.safetensors"
+
+[<Fact>]
+let ``second-order degradation: a lost torch draw is refused, naming the draw`` () =
+    use fx = Fixture.Load(fixture degradation2)
+    let ex = Assert.Throws<InvalidOperationException>(fun () -> DegradationSecondOrderCase.Run(fx, TrainingCaseOptions(DropDraw = 0)) |> List.ofSeq |> ignore)
+    ex.Message |> should haveSubstring "draw 1"
+
+[<Fact>]
+let ``DiffJPEG: quality_to_factor as the official code, and lower quality loses more`` () =
+    DiffBIR.Lab.Degradation.DiffJpeg.QualityToFactor 30.0f |> float |> should (equalWithin 1e-6) (5000.0 / 30.0 / 100.0)
+    DiffBIR.Lab.Degradation.DiffJpeg.QualityToFactor 87.5f |> float |> should (equalWithin 1e-7) 0.25
+    use fx = Fixture.Load(fixture degradation2)
+    use x = fx.Out "00_usm_sharp"
+    let err (q: float32) =
+        use y = DiffBIR.Lab.Degradation.DiffJpeg.Apply(x, torch.tensor([| q |]))
+        (y - x).abs().mean().item<float32>()
+    let e95, e30 = err 95.0f, err 30.0f
+    e95 |> should be (lessThan e30)
+    e95 |> should be (greaterThan 0.0f)
+
+[<Fact>]
+let ``second-order degradation: per-sample kernels equal one call per sample, and a seeded batch of two is a valid lq`` () =
+    use fx = Fixture.Load(fixture degradation2)
+    use hq1 = fx.In "hq"
+    use hq = torch.cat([| hq1; hq1.flip(3L) |], 0L)
+    use k1 = torch.cat([| fx.In "kernel1"; fx.In "kernel2" |], 0L)
+    use both = DiffBIR.Lab.Degradation.RealEsrganBatchTransform.Filter2D(hq, k1)
+    use a = DiffBIR.Lab.Degradation.RealEsrganBatchTransform.Filter2D(hq.narrow(0L, 0L, 1L), fx.In "kernel1")
+    use b = DiffBIR.Lab.Degradation.RealEsrganBatchTransform.Filter2D(hq.narrow(0L, 1L, 1L), fx.In "kernel2")
+    (both.narrow(0L, 0L, 1L) - a).abs().max().item<float32>() |> should be (lessThan 1e-6f)
+    (both.narrow(0L, 1L, 1L) - b).abs().max().item<float32>() |> should be (lessThan 1e-6f)
+    let rng = DiffBIR.Lab.Degradation.SeededDegradationRandom(5UL)
+    use draws = new SeededTrainingDraws(5L)
+    use k2 = torch.cat([| fx.In "kernel2"; fx.In "kernel1" |], 0L)
+    use sinc = torch.cat([| fx.In "sinc_kernel"; fx.In "sinc_kernel" |], 0L)
+    let struct (hqOut, lq) =
+        DiffBIR.Lab.Degradation.RealEsrganBatchTransform.Apply(DiffBIR.Lab.Degradation.RealEsrganBatchTransformConfig.V2_1, hq, k1, k2, sinc, rng, draws)
+    lq.shape |> should equal [| 2L; 64L; 64L; 3L |]
+    hqOut.shape |> should equal [| 2L; 64L; 64L; 3L |]
+    lq.min().item<float32>() |> should be (greaterThanOrEqualTo 0.0f)
+    lq.max().item<float32>() |> should be (lessThanOrEqualTo 1.0f)
+    // lq is quantised to 1/255
+    use levels = lq * 255.0f
+    (levels - levels.round()).abs().max().item<float32>() |> should be (lessThan 1e-4f)

@@ -21,6 +21,15 @@ public interface ITrainingDraws
 
     /// <summary>Integers in [0, <paramref name="high"/>) of <paramref name="shape"/>, int64 (<c>torch.randint(0, high, shape)</c>).</summary>
     Tensor RandInt(long high, long[] shape, Device device, string what);
+
+    /// <summary>U[0, 1) samples of <paramref name="shape"/> (<c>torch.rand</c>).</summary>
+    Tensor Rand(long[] shape, ScalarType dtype, Device device, string what);
+
+    /// <summary>U[low, high) samples (<c>x.new_zeros(shape).uniform_(low, high)</c>).</summary>
+    Tensor Uniform(long[] shape, double low, double high, ScalarType dtype, Device device, string what);
+
+    /// <summary>Poisson samples with the given rates (<c>torch.poisson(rates)</c>), same shape and dtype.</summary>
+    Tensor Poisson(Tensor rates, string what);
 }
 
 /// <summary>
@@ -55,6 +64,26 @@ public sealed class SeededTrainingDraws : ITrainingDraws, IDisposable
     {
         using var t = randint(0, high, shape, ScalarType.Int64, CPU, generator: _gen);
         return t.to(device);
+    }
+
+    public Tensor Rand(long[] shape, ScalarType dtype, Device device, string what)
+    {
+        using var t = rand(shape, dtype, CPU, generator: _gen);
+        return t.to(device);
+    }
+
+    public Tensor Uniform(long[] shape, double low, double high, ScalarType dtype, Device device, string what)
+    {
+        using var z = zeros(shape, dtype, CPU);
+        using var u = z.uniform_(low, high, _gen);
+        return u.to(device);
+    }
+
+    public Tensor Poisson(Tensor rates, string what)
+    {
+        using var r = rates.cpu();
+        using var p = poisson(r, _gen);
+        return p.to(rates.device);
     }
 
     public void Dispose() => _gen.Dispose();
@@ -120,4 +149,18 @@ public sealed class ReplayTrainingDraws : ITrainingDraws
             throw new InvalidOperationException($"{_source}: recorded randint for '{what}' lies outside [0, {high})");
         return v.to(ScalarType.Int64).to(device);
     }
+
+    public Tensor Rand(long[] shape, ScalarType dtype, Device device, string what) =>
+        Take("rand", shape, what).Value.to(dtype).to(device);
+
+    public Tensor Uniform(long[] shape, double low, double high, ScalarType dtype, Device device, string what)
+    {
+        var v = Take("uniform_", shape, what).Value;
+        if (v.numel() > 0 && (v.min().item<float>() < low || v.max().item<float>() > high))
+            throw new InvalidOperationException($"{_source}: recorded uniform_ for '{what}' lies outside [{low}, {high}]");
+        return v.to(dtype).to(device);
+    }
+
+    public Tensor Poisson(Tensor rates, string what) =>
+        Take("poisson", rates.shape, what).Value.to(rates.dtype).to(rates.device);
 }

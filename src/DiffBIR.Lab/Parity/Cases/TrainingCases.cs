@@ -289,3 +289,56 @@ public sealed class TrainStage2VCase : TrainStage2CaseBase
 {
     public override string Case => "train_stage2_v";
 }
+
+/// <summary>
+/// degradation_second_order: the official RealESRGANBatchTransform (v2.1 settings) on one 64×64 batch, python/numpy
+/// choices scripted, torch draws replayed; every intermediate (USM, blur, resizes, Poisson/Gaussian noise, DiffJPEG,
+/// sinc) and the final hq / lq.
+/// </summary>
+public sealed class DegradationSecondOrderCase : IParityCase
+{
+    public string Case => "degradation_second_order";
+    public string Description => "Real-ESRGAN second-order batch degradation (USM, filter2D, resizes, noise, DiffJPEG, sinc)";
+    // README: continuous stages rtol ~1e-5; quantised stages (JPEG, the 1/255 lq) may flip rarely.
+    public Tolerance DefaultTolerance => new(1e-5, 0);
+
+    public IEnumerable<CaseOutput> Run(Fixture f) => Run(f, new TrainingCaseOptions());
+
+    /// <summary>The scripted python/numpy draws of the fixture as a degradation random source.</summary>
+    public static Degradation.ScriptedDegradationRandom Scripted(Fixture f)
+    {
+        var uniforms = new List<double>();
+        var choices = new List<int>();
+        string[] upDown = { "up", "down", "keep" }, modes = { "area", "bilinear", "bicubic" };
+        foreach (var d in f.MetaJson("draws")!.AsArray())
+        {
+            var kind = (string)d!["kind"]!;
+            var v = d["value_or_shape"]!;
+            switch (kind)
+            {
+                case "np.random.uniform": uniforms.Add((double)v); break;
+                case "random.choices": choices.Add(Array.IndexOf(upDown, (string)v.AsArray()[0]!)); break;
+                case "random.choice": choices.Add(Array.IndexOf(modes, (string)v!)); break;
+            }
+        }
+        return new Degradation.ScriptedDegradationRandom(uniforms, choices);
+    }
+
+    public static IEnumerable<CaseOutput> Run(Fixture f, TrainingCaseOptions o)
+    {
+        var cfg = Degradation.RealEsrganBatchTransformConfig.FromJson(f.Config!["batch_transform"]!);
+        var rng = Scripted(f);
+        var draws = TrainingCase.Replay(f, o.DropDraw);
+        var steps = new List<(string, Tensor)>();
+        var (hq, lq) = Degradation.RealEsrganBatchTransform.Apply(cfg, f.In("hq"), f.In("kernel1"), f.In("kernel2"), f.In("sinc_kernel"),
+            rng, draws, (n, t) => steps.Add((n, t.clone().DetachFromDisposeScope())));
+        yield return new CaseOutput("draws left unused", tensor((float)(draws.Remaining + rng.RemainingUniforms + rng.RemainingChoices)),
+            Tolerance: new(0, 0), Expected: tensor(0f));
+        var names = f.MetaJson("intermediates")!.AsArray().Select(x => (string)x!).ToList();
+        yield return new CaseOutput("intermediate steps as official", tensor(steps.Select(s => s.Item1).SequenceEqual(names) ? 1f : 0f),
+            Tolerance: new(0, 0), Expected: tensor(1f));
+        foreach (var (n, t) in steps) yield return new CaseOutput(n, t);
+        yield return new CaseOutput("hq", hq);
+        yield return new CaseOutput("lq", lq);
+    }
+}
