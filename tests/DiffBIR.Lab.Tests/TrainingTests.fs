@@ -225,3 +225,27 @@ let ``second-order degradation: per-sample kernels equal one call per sample, an
     // lq is quantised to 1/255
     use levels = lq * 255.0f
     (levels - levels.round()).abs().max().item<float32>() |> should be (lessThan 1e-4f)
+
+[<Fact>]
+let ``stage 2: a ControlNet started from an SD checkpoint copies the UNet, zero-extends the hint conv and keeps zero convs at 0`` () =
+    use fx = Fixture.Load(fixture stage2Eps)
+    let cfg = fx.Config
+    let tok = DiffBIR.Lab.Models.Clip.ClipTokenizer(fixture "bpe_simple_vocab_16e6.txt.gz")
+    use cldm = new DiffBIR.Lab.Models.ControlLDM(DiffBIR.Lab.Models.ControlLdmConfig.FromJson cfg.["cldm"], tok)
+    let sd = Collections.Generic.Dictionary<string, torch.Tensor>()
+    for (m, prefix) in [ "unet", "model.diffusion_model."; "vae", "first_stage_model."; "clip", "cond_stage_model." ] do
+        for kv in fx.Weights m do sd.[prefix + kv.Key] <- kv.Value
+    sd.["model_ema.decay"] <- torch.tensor 0.9999f
+    let struct (unused, missing, newZero, scratch) = Stage2Trainer.InitFromStableDiffusion(cldm, sd)
+    unused |> List.ofSeq |> should equal [ "model_ema.decay" ]
+    missing |> should be Empty
+    newZero |> List.ofSeq |> should equal [ "input_blocks.0.0.weight" ]
+    scratch.Count |> should equal 10
+    let cn = cldm.controlnet.state_dict()
+    for k in scratch do cn.[k].abs().max().item<float32>() |> should equal 0.0f
+    // every copied key equals the official initialised ControlNet of the fixture
+    let official = fx.Weights "controlnet"
+    for kv in cn do
+        if not (Seq.contains kv.Key scratch) then (kv.Value - official.[kv.Key]).abs().max().item<float32>() |> should equal 0.0f
+    cldm.unet.parameters() |> Seq.forall (fun p -> not p.requires_grad) |> should be True
+    cldm.controlnet.parameters() |> Seq.forall (fun p -> p.requires_grad) |> should be True

@@ -46,6 +46,21 @@ public static class Stage2Trainer
         foreach (var p in cldm.controlnet.parameters()) p.requires_grad = true;
     }
 
+    /// <summary>
+    /// The official start of stage-2 training: <c>load_pretrained_sd(sd)</c> (UNet, VAE and CLIP from a Stable
+    /// Diffusion checkpoint; unused and missing keys reported), <c>load_controlnet_from_unet()</c> (every ControlNet key
+    /// the UNet has is copied, the first conv gets zero input channels for the hint, the zero convs keep their
+    /// constructor zeros), then <see cref="Prepare"/>.
+    /// </summary>
+    public static (IReadOnlyList<string> Unused, IReadOnlyList<string> Missing, IReadOnlyList<string> InitWithNewZero, IReadOnlyList<string> InitWithScratch)
+        InitFromStableDiffusion(ControlLDM cldm, IReadOnlyDictionary<string, Tensor> sd, string sourceName = "SD checkpoint")
+    {
+        var (unused, missing) = cldm.LoadPretrainedSd(sd, sourceName);
+        var (newZero, scratch) = cldm.controlnet.LoadFromUNet(cldm.unet);
+        Prepare(cldm);
+        return (unused, missing, newZero, scratch);
+    }
+
     /// <summary>The official optimizer: <c>AdamW(cldm.controlnet.parameters(), lr)</c> with torch's defaults (betas (0.9, 0.999), eps 1e-8, weight decay 0.01).</summary>
     public static optim.Optimizer CreateOptimizer(ControlLDM cldm, double learningRate) =>
         optim.AdamW(cldm.controlnet.parameters(), learningRate, 0.9, 0.999, 1e-8, weight_decay: 0.01);
