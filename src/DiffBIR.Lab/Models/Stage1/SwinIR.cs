@@ -22,11 +22,13 @@ namespace DiffBIR.Lab.Models.Stage1;
 /// <param name="ResiConnection">Conv after each RSTB (<c>resi_connection</c>): "1conv" or "3conv".</param>
 /// <param name="Unshuffle">PixelUnshuffle the input before the first conv (<c>unshuffle</c>; DiffBIR's modification).</param>
 /// <param name="UnshuffleScale">Sets the first conv's input channels, in_chans·scale² (<c>unshuffle_scale</c>).</param>
+/// <param name="DropPathRate">Stochastic depth of the last Swin block (<c>drop_path_rate</c>, official default 0.1); block i of
+/// n drops its residual branches with probability linspace(0, rate, n)[i] in training mode only.</param>
 public sealed record SwinIRConfig(
     int ImgSize = 64, int PatchSize = 1, int InChans = 3, int EmbedDim = 96,
     int[]? Depths = null, int[]? NumHeads = null, int WindowSize = 7, double MlpRatio = 4.0,
     int Sf = 4, double ImgRange = 1.0, string Upsampler = "", string ResiConnection = "1conv",
-    bool Unshuffle = false, int? UnshuffleScale = null)
+    bool Unshuffle = false, int? UnshuffleScale = null, double DropPathRate = 0.1)
 {
     /// <summary><c>depths</c> (official default [6, 6, 6, 6]).</summary>
     public int[] Depths { get; init; } = Depths ?? new[] { 6, 6, 6, 6 };
@@ -46,7 +48,7 @@ public sealed record SwinIRConfig(
         ConfigJson.RejectUnknown(o, "SwinIR", new[]
         {
             "img_size", "patch_size", "in_chans", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "sf",
-            "img_range", "upsampler", "resi_connection", "unshuffle", "unshuffle_scale",
+            "img_range", "upsampler", "resi_connection", "unshuffle", "unshuffle_scale", "drop_path_rate",
             // training-only arguments of the Lightning-era class: no effect on the network
             "hq_key", "lq_key", "learning_rate", "weight_decay",
         });
@@ -56,7 +58,8 @@ public sealed record SwinIRConfig(
             ConfigJson.Ints(o, "num_heads", new[] { 6, 6, 6, 6 }), ConfigJson.Int(o, "window_size", 7),
             ConfigJson.Double(o, "mlp_ratio", 4.0), ConfigJson.Int(o, "sf", 4), ConfigJson.Double(o, "img_range", 1.0),
             ConfigJson.String(o, "upsampler", ""), ConfigJson.String(o, "resi_connection", "1conv"),
-            ConfigJson.Bool(o, "unshuffle", false), o["unshuffle_scale"] is { } s ? (int)s : null);
+            ConfigJson.Bool(o, "unshuffle", false), o["unshuffle_scale"] is { } s ? (int)s : null,
+            ConfigJson.Double(o, "drop_path_rate", 0.1));
     }
 }
 
@@ -158,8 +161,11 @@ public sealed class SwinTransformerBlock : nn.Module
     private readonly Tensor? attn_mask;
     private readonly (long H, long W) inputResolution;
     private readonly int windowSize, shiftSize;
+    // Official: DropPath(drop_path) if drop_path > 0 else nn.Identity(); applied to both residual branches.
+    private readonly DropPath? drop_path;
 
-    public SwinTransformerBlock(int dim, (long H, long W) inputResolution, int numHeads, int windowSize, int shiftSize, double mlpRatio)
+    public SwinTransformerBlock(int dim, (long H, long W) inputResolution, int numHeads, int windowSize, int shiftSize, double mlpRatio,
+        double dropPath = 0)
         : base(nameof(SwinTransformerBlock))
     {
         this.inputResolution = inputResolution;
@@ -177,6 +183,7 @@ public sealed class SwinTransformerBlock : nn.Module
         norm2 = nn.LayerNorm(dim);
         mlp = new SwinMlp(dim, (int)(dim * mlpRatio));
         attn_mask = shiftSize > 0 ? CalculateMask(inputResolution.H, inputResolution.W, windowSize, shiftSize, null) : null;
+        if (dropPath > 0) drop_path = new DropPath(dropPath);
         RegisterComponents();
     }
 
@@ -223,6 +230,8 @@ public sealed class SwinTransformerBlock : nn.Module
         return pc.view(b, h, w, -1);
     }
 
+    private Tensor DropPathOf(Tensor x) => drop_path is null ? x : drop_path.forward(x);
+
     /// <summary>x: [B, H·W, C] tokens of an H×W grid.</summary>
     public Tensor forward(Tensor x, long h, long w)
     {
@@ -239,8 +248,8 @@ public sealed class SwinTransformerBlock : nn.Module
         var aw = attn.forward(xw, mask).view(-1, windowSize, windowSize, c);
         t = WindowReverse(aw, windowSize, h, w);
         if (shiftSize > 0) t = t.roll(new long[] { shiftSize, shiftSize }, new long[] { 1, 2 });
-        var y = shortcut + t.view(b, h * w, c);
-        y = y + mlp.forward(norm2.forward(y));
+        var y = shortcut + DropPathOf(t.view(b, h * w, c));
+        y = y + DropPathOf(mlp.forward(norm2.forward(y)));
         return scope.MoveToOuter(y);
     }
 }
@@ -250,12 +259,14 @@ public sealed class BasicLayer : nn.Module
 {
     private readonly ModuleList<SwinTransformerBlock> blocks;
 
-    public BasicLayer(int dim, (long H, long W) inputResolution, int depth, int numHeads, int windowSize, double mlpRatio)
+    public BasicLayer(int dim, (long H, long W) inputResolution, int depth, int numHeads, int windowSize, double mlpRatio,
+        double[]? dropPath = null)
         : base(nameof(BasicLayer))
     {
         blocks = new ModuleList<SwinTransformerBlock>();
         for (int i = 0; i < depth; i++)
-            blocks.Add(new SwinTransformerBlock(dim, inputResolution, numHeads, windowSize, i % 2 == 0 ? 0 : windowSize / 2, mlpRatio));
+            blocks.Add(new SwinTransformerBlock(dim, inputResolution, numHeads, windowSize, i % 2 == 0 ? 0 : windowSize / 2, mlpRatio,
+                dropPath?[i] ?? 0));
         RegisterComponents();
     }
 
@@ -273,10 +284,11 @@ public sealed class RSTB : nn.Module
     private readonly BasicLayer residual_group;
     private readonly nn.Module<Tensor, Tensor> conv;
 
-    public RSTB(int dim, (long H, long W) inputResolution, int depth, int numHeads, int windowSize, double mlpRatio, string resiConnection)
+    public RSTB(int dim, (long H, long W) inputResolution, int depth, int numHeads, int windowSize, double mlpRatio, string resiConnection,
+        double[]? dropPath = null)
         : base(nameof(RSTB))
     {
-        residual_group = new BasicLayer(dim, inputResolution, depth, numHeads, windowSize, mlpRatio);
+        residual_group = new BasicLayer(dim, inputResolution, depth, numHeads, windowSize, mlpRatio, dropPath);
         conv = resiConnection switch
         {
             "1conv" => nn.Conv2d(dim, dim, 3, 1, 1),
@@ -342,8 +354,10 @@ public sealed class SwinIR : nn.Module<Tensor, Tensor>
         patch_embed = new PatchEmbed(config.EmbedDim);
         var res = ((long)(config.ImgSize / config.PatchSize), (long)(config.ImgSize / config.PatchSize));
         layers = new ModuleList<RSTB>();
-        for (int i = 0; i < config.Depths.Length; i++)
-            layers.Add(new RSTB(config.EmbedDim, res, config.Depths[i], config.NumHeads[i], config.WindowSize, config.MlpRatio, config.ResiConnection));
+        var dpr = DropPathRates(config.DropPathRate, config.Depths.Sum());
+        for (int i = 0, first = 0; i < config.Depths.Length; first += config.Depths[i], i++)
+            layers.Add(new RSTB(config.EmbedDim, res, config.Depths[i], config.NumHeads[i], config.WindowSize, config.MlpRatio, config.ResiConnection,
+                dpr[first..(first + config.Depths[i])]));
         norm = nn.LayerNorm(config.EmbedDim);
         conv_after_body = config.ResiConnection switch
         {
@@ -363,6 +377,19 @@ public sealed class SwinIR : nn.Module<Tensor, Tensor>
         conv_last = nn.Conv2d(numFeat, config.InChans, 3, 1, 1);
         RegisterComponents();
     }
+
+    /// <summary>
+    /// The official stochastic-depth rule <c>[x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]</c>:
+    /// float32 values, read back as doubles (so 0.1 becomes 0.10000000149011612).
+    /// </summary>
+    public static double[] DropPathRates(double rate, int blocks)
+    {
+        using var l = linspace(0, rate, blocks, dtype: ScalarType.Float32, device: CPU);  // also when the default device is meta
+        return l.data<float>().Select(x => (double)x).ToArray();
+    }
+
+    /// <summary>Sets where the DropPath keep masks come from in training mode (null: torch's global generator).</summary>
+    public void SetDropPathDraws(DiffBIR.Lab.Training.ITrainingDraws? draws) => DropPath.SetDraws(this, draws);
 
     /// <summary>Image → tokens, then LayerNorm (official <c>PatchEmbed</c> with patch_norm=True; keys <c>patch_embed.norm.*</c>).</summary>
     private sealed class PatchEmbed : nn.Module<Tensor, Tensor>

@@ -1,0 +1,166 @@
+using System.Text.Json.Nodes;
+using DiffBIR.Lab.Parity;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DiffBIR.Lab.Training;
+
+/// <summary>
+/// Every random draw of a training step, in the order the official code makes it (<c>Tensor.bernoulli_</c> for the
+/// DropPath keep masks, <c>torch.randn</c> / <c>randn_like</c> for the posterior and diffusion noise,
+/// <c>torch.randint</c> for the timesteps). A seeded source is used for real training; a replay source feeds the
+/// draws a fixture recorded so that one step can be compared with the official one bit for bit.
+/// </summary>
+public interface ITrainingDraws
+{
+    /// <summary>Bernoulli(p) samples (0 or 1) of <paramref name="shape"/> (official <c>x.new_empty(shape).bernoulli_(p)</c>).</summary>
+    Tensor Bernoulli(long[] shape, double p, ScalarType dtype, Device device, string what);
+
+    /// <summary>Standard normal samples of <paramref name="shape"/> (<c>torch.randn</c>, <c>randn_like</c>).</summary>
+    Tensor Randn(long[] shape, ScalarType dtype, Device device, string what);
+
+    /// <summary>Integers in [0, <paramref name="high"/>) of <paramref name="shape"/>, int64 (<c>torch.randint(0, high, shape)</c>).</summary>
+    Tensor RandInt(long high, long[] shape, Device device, string what);
+
+    /// <summary>U[0, 1) samples of <paramref name="shape"/> (<c>torch.rand</c>).</summary>
+    Tensor Rand(long[] shape, ScalarType dtype, Device device, string what);
+
+    /// <summary>U[low, high) samples (<c>x.new_zeros(shape).uniform_(low, high)</c>).</summary>
+    Tensor Uniform(long[] shape, double low, double high, ScalarType dtype, Device device, string what);
+
+    /// <summary>Poisson samples with the given rates (<c>torch.poisson(rates)</c>), same shape and dtype.</summary>
+    Tensor Poisson(Tensor rates, string what);
+}
+
+/// <summary>
+/// Draws from one seeded CPU <c>torch.Generator</c> (moved to the requested device afterwards), so the same seed
+/// gives the same training run on every device. It does not reproduce the official run's global-RNG stream.
+/// </summary>
+public sealed class SeededTrainingDraws : ITrainingDraws, IDisposable
+{
+    readonly Generator _gen;
+    public long Seed { get; }
+
+    public SeededTrainingDraws(long seed)
+    {
+        Seed = seed;
+        _gen = new Generator((ulong)seed, CPU);
+    }
+
+    public Tensor Bernoulli(long[] shape, double p, ScalarType dtype, Device device, string what)
+    {
+        using var e = empty(shape, dtype, CPU);
+        using var m = e.bernoulli_(p, _gen);
+        return m.to(device);
+    }
+
+    public Tensor Randn(long[] shape, ScalarType dtype, Device device, string what)
+    {
+        using var n = randn(shape, ScalarType.Float32, CPU, generator: _gen);
+        return n.to(dtype).to(device);
+    }
+
+    public Tensor RandInt(long high, long[] shape, Device device, string what)
+    {
+        using var t = randint(0, high, shape, ScalarType.Int64, CPU, generator: _gen);
+        return t.to(device);
+    }
+
+    public Tensor Rand(long[] shape, ScalarType dtype, Device device, string what)
+    {
+        using var t = rand(shape, dtype, CPU, generator: _gen);
+        return t.to(device);
+    }
+
+    public Tensor Uniform(long[] shape, double low, double high, ScalarType dtype, Device device, string what)
+    {
+        using var z = zeros(shape, dtype, CPU);
+        using var u = z.uniform_(low, high, _gen);
+        return u.to(device);
+    }
+
+    public Tensor Poisson(Tensor rates, string what)
+    {
+        using var r = rates.cpu();
+        using var p = poisson(r, _gen);
+        return p.to(rates.device);
+    }
+
+    public void Dispose() => _gen.Dispose();
+}
+
+/// <summary>
+/// Replays the draws a training fixture recorded (<c>__metadata__.draws</c>: <c>{kind, tensor, shape, what}</c> in
+/// call order, tensors <c>in.draw.NNN</c>). A draw of another kind or shape than the recorded one, or one more
+/// than was recorded, is an error naming both; <see cref="Remaining"/> tells whether every draw was used.
+/// </summary>
+public sealed class ReplayTrainingDraws : ITrainingDraws
+{
+    readonly List<(string Kind, Tensor Value, string What)> _draws = new();
+    readonly string _source;
+    public int Used { get; private set; }
+    public int Count => _draws.Count;
+    public int Remaining => _draws.Count - Used;
+
+    public ReplayTrainingDraws(IEnumerable<(string Kind, Tensor Value, string What)> draws, string source)
+    {
+        _draws.AddRange(draws);
+        _source = source;
+    }
+
+    /// <summary>The torch draws of a fixture (python/numpy draws, which carry values instead of tensors, are skipped).</summary>
+    public static ReplayTrainingDraws FromFixture(Fixture f)
+    {
+        var list = f.MetaJson("draws")?.AsArray()
+                   ?? throw new InvalidOperationException($"{f.Path}: no 'draws' in __metadata__");
+        var draws = new List<(string, Tensor, string)>();
+        foreach (var d in list)
+        {
+            var name = (string?)d!["tensor"];
+            if (name is null) continue;
+            draws.Add(((string)d["kind"]!, f.Get(name), (string?)d["what"] ?? name));
+        }
+        return new ReplayTrainingDraws(draws, f.Path);
+    }
+
+    (string Kind, Tensor Value, string What) Take(string kind, long[] shape, string what)
+    {
+        if (Used >= _draws.Count)
+            throw new InvalidOperationException($"{_source}: draw {Used} ({kind} for {what}) requested, but only {_draws.Count} were recorded");
+        var d = _draws[Used];
+        if (d.Kind != kind || !d.Value.shape.SequenceEqual(shape))
+            throw new InvalidOperationException(
+                $"{_source}: draw {Used} was recorded as {d.Kind} [{string.Join(",", d.Value.shape)}] for '{d.What}', "
+                + $"but the step asked for {kind} [{string.Join(",", shape)}] for '{what}'");
+        Used++;
+        return d;
+    }
+
+    public Tensor Bernoulli(long[] shape, double p, ScalarType dtype, Device device, string what) =>
+        Take("bernoulli_", shape, what).Value.to(dtype).to(device);
+
+    public Tensor Randn(long[] shape, ScalarType dtype, Device device, string what) =>
+        Take("randn", shape, what).Value.to(dtype).to(device);
+
+    public Tensor RandInt(long high, long[] shape, Device device, string what)
+    {
+        var v = Take("randint", shape, what).Value;
+        if (v.numel() > 0 && (v.min().item<long>() < 0 || v.max().item<long>() >= high))
+            throw new InvalidOperationException($"{_source}: recorded randint for '{what}' lies outside [0, {high})");
+        return v.to(ScalarType.Int64).to(device);
+    }
+
+    public Tensor Rand(long[] shape, ScalarType dtype, Device device, string what) =>
+        Take("rand", shape, what).Value.to(dtype).to(device);
+
+    public Tensor Uniform(long[] shape, double low, double high, ScalarType dtype, Device device, string what)
+    {
+        var v = Take("uniform_", shape, what).Value;
+        if (v.numel() > 0 && (v.min().item<float>() < low || v.max().item<float>() > high))
+            throw new InvalidOperationException($"{_source}: recorded uniform_ for '{what}' lies outside [{low}, {high}]");
+        return v.to(dtype).to(device);
+    }
+
+    public Tensor Poisson(Tensor rates, string what) =>
+        Take("poisson", rates.shape, what).Value.to(rates.dtype).to(rates.device);
+}
