@@ -110,10 +110,10 @@ let cases : Case list =
       refused "bad guidance kind" [ "--guidance"; "l1" ] [ "--guidance" ]
       refused "bad guidance schedule" [ "--guidance"; "mse"; "--g-schedule"; "zigzag:1" ] [ "--g-schedule" ]
       refused "bad g-space" [ "--guidance"; "mse"; "--g-space"; "pixel" ] [ "--g-space" ]
-      refused "cleaner tile size 0" [ "--cleaner-tile-size"; "0" ] [ "--cleaner-tile-size" ]
-      refused "cldm tile stride in pixels" [ "--cldm-tile-stride"; "4" ] [ "--cldm-tile-stride"; "4 px" ]
-      refused "cldm tile stride over the tile" [ "--cldm-tile-stride"; "1024" ] [ "--cldm-tile-stride"; "512 px" ]
-      refused "cldm tile size not a multiple of 64" [ "--cldm-tile-size"; "100" ] [ "--cldm-tile-size"; "64" ]
+      refused "cleaner tile size 0" [ "--cleaner-tiled"; "--cleaner-tile-size"; "0" ] [ "--cleaner-tile-size" ]
+      refused "cldm tile stride in pixels" [ "--cldm-tiled"; "--cldm-tile-stride"; "4" ] [ "--cldm-tile-stride"; "4 px" ]
+      refused "cldm tile stride over the tile" [ "--cldm-tiled"; "--cldm-tile-stride"; "1024" ] [ "--cldm-tile-stride"; "512 px" ]
+      refused "cldm tile size not a multiple of 64" [ "--cldm-tiled"; "--cldm-tile-size"; "100" ] [ "--cldm-tile-size"; "64" ]
       refused "n-samples 0" [ "--n-samples"; "0" ] [ "--n-samples" ]
       refused "batch-size 0" [ "--batch-size"; "0" ] [ "--batch-size" ]
       refused "threads 0" [ "--threads"; "0" ] [ "--threads" ]
@@ -265,3 +265,25 @@ let ``an output cut short is redone on the rerun, an intact one is skipped`` () 
     code3 |> should equal 0
     out3 |> should haveSubstring "1 restored"
     File.ReadAllBytes png |> should equal good
+
+[<Fact>]
+let ``restore --batch-size batches images and samples of one size, and equals one at a time within one level`` () =
+    use dir = new TempDir()
+    oneImage dir.Path
+    image (Path.Combine(dir.Path, "in", "b.png")) 16 16
+    let runWith (bs: int) out =
+        let code, stdout, err = run3 dir.Path ([ "restore"; "-i"; "in"; "-o"; out; "--n-samples"; "2"; "--batch-size"; string bs ] @ tiny)
+        Assert.True((code = 0), stdout + err)
+        stdout
+    runWith 1 "one" |> ignore
+    runWith 4 "four" |> ignore
+    for stem in [ "a_0"; "a_1"; "b_0"; "b_1" ] do
+        use one = DiffBIR.Lab.IO.ImageIO.Load(Path.Combine(dir.Path, "one", stem + ".png"))
+        use four = DiffBIR.Lab.IO.ImageIO.Load(Path.Combine(dir.Path, "four", stem + ".png"))
+        let d = (one.Image - four.Image).abs().max().item<float32>()
+        Assert.True(d <= 1.0f / 255.0f + 1e-6f, sprintf "%s differs by %f" stem (d * 255.0f))
+        let m = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, "four", stem + ".json")))
+        m.["batch"].GetValue<int>() |> should equal 4          // one batch of the four outputs
+    // samples keep their seeds in a batch
+    let m1 = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, "four", "a_1.json")))
+    m1.["seed"].GetValue<int64>() |> should equal 232L

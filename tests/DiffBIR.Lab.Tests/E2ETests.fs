@@ -131,7 +131,7 @@ let ``tiling switches itself off when the input is smaller than a tile`` () =
     let o = PipelineOptions(Steps = 2, Seed = 3L)
     use plain = p.Restore(lq, o)
     let tiled =
-        PipelineOptions(Steps = 2, Seed = 3L, CleanerTiled = true, CleanerTileSize = 64, VaeEncoderTiled = true, VaeEncoderTileSize = 1024,
+        PipelineOptions(Steps = 2, Seed = 3L, CleanerTiled = true, CleanerTileSize = 64, CleanerTileStride = 32, VaeEncoderTiled = true, VaeEncoderTileSize = 1024,
                         VaeDecoderTiled = true, VaeDecoderTileSize = 1024, CldmTiled = true, CldmTileSize = 1024, CldmTileStride = 512)
     use t = p.Restore(lq, tiled)
     t.Notes |> Seq.length |> should equal 4

@@ -4,6 +4,7 @@ using System.Security.Cryptography;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using DiffBIR.Lab.Checkpoints;
+using DiffBIR.Lab.Diffusion;
 using DiffBIR.Lab.Guidance;
 using DiffBIR.Lab.IO;
 using DiffBIR.Lab.Pipeline;
@@ -87,7 +88,7 @@ public sealed class RestoreSettings : CommandSettings
     [CommandOption("--seed <N>")] public long Seed { get; set; } = 231;
     [CommandOption("--n-samples <N>")] [Description("Restorations per image (seeds seed, seed+1, …).")]
     public int NSamples { get; set; } = 1;
-    [CommandOption("--batch-size <N>")] [Description("Accepted for compatibility with the official CLI; images are processed one at a time.")]
+    [CommandOption("--batch-size <N>")] [Description("Images (and samples) of one size restored together through stage 2 (default 1). Each keeps its own seed, so a batched output equals its one-at-a-time run up to float rounding (≤ 1 level seen).")]
     public int BatchSize { get; set; } = 1;
     [CommandOption("--force")] [Description("Re-run even when an output with the same manifest exists.")]
     public bool Force { get; set; }
@@ -303,93 +304,151 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         var settings = SettingsJson(s, presetName, upscale, threads);
         bool stop = false;
 
+        // The work: one item per (image, sample); up-to-date outputs are skipped before anything runs.
+        var work = new List<WorkItem>();
+        foreach (var file in ready)
+        {
+            string inputSha;
+            try { inputSha = Sha256(file); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { failed++; CliErrors.Print($"{file}: {e.Message}"); continue; }
+            for (int k = 0; k < s.NSamples; k++)
+            {
+                var stem = stems[file] + (s.NSamples > 1 ? $"_{k}" : "");
+                var item = new WorkItem(file, stem, Path.Combine(s.Output, stem + ".png"), Path.Combine(s.Output, stem + ".json"),
+                    inputSha, s.Seed + k, SkipKey(settings, inputSha, s.Seed + k, checkpoints));
+                if (!s.Force && UpToDate(item.OutPng, item.OutJson, item.Key)) { skipped++; AnsiConsole.MarkupLine($"[grey]{Markup.Escape(stem)}: up to date, skipped[/]"); }
+                else work.Add(item);
+            }
+        }
+
         AnsiConsole.Progress().AutoClear(false).HideCompleted(false)
             .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn())
             .Start(pctx =>
             {
-                var all = pctx.AddTask("all images", maxValue: ready.Count * s.NSamples);
-                foreach (var file in ready)
+                var all = pctx.AddTask("all images", maxValue: Math.Max(1, work.Count));
+                LoadedImage? cached = null; string? cachedFile = null;
+                LoadedImage Load(string file)
                 {
-                    for (int k = 0; k < s.NSamples && !stop; k++)
+                    if (cachedFile == file && cached != null) return cached;
+                    cached?.Dispose(); cached = null; cachedFile = null;
+                    cached = ImageIO.Load(file); cachedFile = file;
+                    return cached;
+                }
+                try
+                {
+                    int i = 0;
+                    while (i < work.Count && !stop)
                     {
                         if (ct.IsCancellationRequested) return;
-                        var stem = stems[file] + (s.NSamples > 1 ? $"_{k}" : "");
-                        var outPng = Path.Combine(s.Output, stem + ".png");
-                        var outJson = Path.Combine(s.Output, stem + ".json");
-                        var imageTask = pctx.AddTask(Markup.Escape(stem), maxValue: s.Steps);
+                        // A batch: consecutive items whose images have one size (samples of one image, or a folder of equal
+                        // sizes), up to --batch-size; each keeps its own seed (BatchNoise), so it equals its lone run.
+                        var batch = new List<(WorkItem Item, Tensor Lq, ImageInfo Info)>();
+                        while (i < work.Count && batch.Count < s.BatchSize)
+                        {
+                            var item = work[i];
+                            Tensor lq; ImageInfo info;
+                            try
+                            {
+                                var loaded = Load(item.File);
+                                info = loaded.Info;
+                                // The official code feeds uint8 HWC; 8-bit sources round-trip exactly, 16-bit ones are rounded to 8 bits.
+                                lq = ImageIO.ToUInt8(loaded.Image, Quantization.Round);
+                            }
+                            catch (Exception e) when (e is ImageFileException or IOException or ArgumentException)
+                            {
+                                failed++; i++; all.Increment(1);
+                                CliErrors.Print(e.Message.StartsWith(item.File, StringComparison.Ordinal) ? e.Message : $"{item.File}: {e.Message}");
+                                continue;
+                            }
+                            if (batch.Count > 0 && !lq.shape.SequenceEqual(batch[0].Lq.shape)) { lq.Dispose(); break; }
+                            if (batch.Count == 0 || !ReferenceEquals(batch[^1].Info, info))
+                                foreach (var n in info.Notices) AnsiConsole.MarkupLine($"[grey]{Markup.Escape(Path.GetFileName(item.File))}: {Markup.Escape(n)}[/]");
+                            batch.Add((item, lq, info));
+                            i++;
+                        }
+                        if (batch.Count == 0) continue;
+                        var names = batch.Count == 1 ? batch[0].Item.Stem : $"{batch[0].Item.Stem} (+{batch.Count - 1})";
+                        var task = pctx.AddTask(Markup.Escape(names), maxValue: s.Steps);
+                        var t0 = System.Diagnostics.Stopwatch.StartNew();
                         try
                         {
-                            var inputSha = Sha256(file);
-                            var seed = s.Seed + k;
-                            var key = SkipKey(settings, inputSha, seed, checkpoints);
-                            if (!s.Force && UpToDate(outPng, outJson, key))
-                            {
-                                skipped++; imageTask.Description = Markup.Escape(stem) + " [grey](up to date, skipped)[/]";
-                                imageTask.Value = imageTask.MaxValue; all.Increment(1); continue;
-                            }
-                            var t0 = System.Diagnostics.Stopwatch.StartNew();
                             using var scope = torch.NewDisposeScope();
-                            using var loaded = ImageIO.Load(file);
-                            foreach (var n in loaded.Info.Notices) AnsiConsole.MarkupLine($"[grey]{Markup.Escape(Path.GetFileName(file))}: {Markup.Escape(n)}[/]");
-                            // The official code feeds uint8 HWC; 8-bit sources round-trip exactly, 16-bit ones are rounded to 8 bits.
-                            var lq = ImageIO.ToUInt8(loaded.Image, Quantization.Round);
-                            preset.Pipeline.StepObserver = info => { imageTask.Increment(1); return !ct.IsCancellationRequested; };
-                            using var result = preset.Restore(lq, MakeOptions(s, guidance, seed));
-                            ImageIO.Save(outPng, result.Image);
-                            var manifest = new JsonObject
+                            var lqBatch = batch.Count == 1 ? batch[0].Lq : torch.cat(batch.Select(b => b.Lq).ToArray(), 0);
+                            using var noise = batch.Count == 1 ? null : new BatchNoise(batch.Select(b => b.Item.Seed).ToArray());
+                            preset.Pipeline.StepObserver = info => { task.Increment(1); return !ct.IsCancellationRequested; };
+                            var options = MakeOptions(s, guidance, batch[0].Item.Seed) with { Noise = noise };
+                            using var result = preset.Restore(lqBatch, options);
+                            double seconds = Math.Round(t0.Elapsed.TotalSeconds / batch.Count, 3);
+                            for (int n = 0; n < batch.Count; n++)
                             {
-                                ["output"] = Path.GetFileName(outPng),
-                                ["output_sha256"] = Sha256(outPng),
-                                ["input"] = Path.GetFullPath(file),
-                                ["input_sha256"] = inputSha,
-                                ["input_info"] = $"{loaded.Info.Format} {loaded.Info.Width}×{loaded.Info.Height} {loaded.Info.BitDepth}-bit",
-                                ["notices"] = new JsonArray(loaded.Info.Notices.Concat(result.Notes).Select(x => (JsonNode)x!).ToArray()),
-                                ["seed"] = seed,
-                                ["settings"] = JsonNode.Parse(settings.ToJsonString()),
-                                ["checkpoints"] = JsonNode.Parse(JsonSerializer.Serialize(checkpoints)),
-                                ["not_a_trained_model"] = result.NotATrainedModel,
-                                ["output_size"] = $"{result.Image.shape[2]}×{result.Image.shape[1]}",
-                                ["versions"] = new JsonObject
+                                var (item, _, info) = batch[n];
+                                ImageIO.Save(item.OutPng, result.Image.narrow(0, n, 1));
+                                var manifest = new JsonObject
                                 {
-                                    ["diffbir_lab"] = typeof(RestorationPipeline).Assembly.GetName().Version?.ToString(),
-                                    ["torchsharp"] = typeof(torch).Assembly.GetName().Version?.ToString(),
-                                    ["libtorch"] = LibTorchVersion,
-                                    ["dotnet"] = Environment.Version.ToString(),
-                                },
-                                ["device"] = s.Device, ["precision"] = s.Precision, ["threads"] = threads,
-                                ["elapsed_seconds"] = Math.Round(t0.Elapsed.TotalSeconds, 3),
-                                ["date"] = DateTime.UtcNow.ToString("o", CultureInfo.InvariantCulture),
-                                ["skip_key"] = key,
-                            };
-                            AtomicFile.WriteAllText(outJson, manifest.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-                            done++;
-                            imageTask.Value = imageTask.MaxValue;
-                            imageTask.Description = Markup.Escape(stem) + $" [green]{t0.Elapsed.TotalSeconds:F1}s[/]";
+                                    ["output"] = Path.GetFileName(item.OutPng),
+                                    ["output_sha256"] = Sha256(item.OutPng),
+                                    ["input"] = Path.GetFullPath(item.File),
+                                    ["input_sha256"] = item.InputSha,
+                                    ["input_info"] = $"{info.Format} {info.Width}×{info.Height} {info.BitDepth}-bit",
+                                    ["notices"] = new JsonArray(info.Notices.Concat(result.Notes).Select(x => (JsonNode)x!).ToArray()),
+                                    ["seed"] = item.Seed,
+                                    ["batch"] = batch.Count,
+                                    ["settings"] = JsonNode.Parse(settings.ToJsonString()),
+                                    ["checkpoints"] = JsonNode.Parse(JsonSerializer.Serialize(checkpoints)),
+                                    ["not_a_trained_model"] = result.NotATrainedModel,
+                                    ["output_size"] = $"{result.Image.shape[2]}×{result.Image.shape[1]}",
+                                    ["versions"] = new JsonObject
+                                    {
+                                        ["diffbir_lab"] = typeof(RestorationPipeline).Assembly.GetName().Version?.ToString(),
+                                        ["torchsharp"] = typeof(torch).Assembly.GetName().Version?.ToString(),
+                                        ["libtorch"] = LibTorchVersion,
+                                        ["libtorch_path"] = DiffBIR.Lab.RunInfo.LibTorchPath,
+                                        ["dotnet"] = Environment.Version.ToString(),
+                                    },
+                                    ["device"] = s.Device, ["precision"] = s.Precision, ["threads"] = threads,
+                                    ["elapsed_seconds"] = seconds,
+                                    ["date"] = DateTime.UtcNow.ToString("o", CultureInfo.InvariantCulture),
+                                    ["skip_key"] = item.Key,
+                                };
+                                AtomicFile.WriteAllText(item.OutJson, manifest.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+                                done++;
+                            }
+                            task.Value = task.MaxValue;
+                            task.Description = Markup.Escape(names) + $" [green]{t0.Elapsed.TotalSeconds:F1}s[/]";
                         }
-                        catch (OperationCanceledException) { imageTask.Description = Markup.Escape(stem) + " [yellow](cancelled)[/]"; return; }
+                        catch (OperationCanceledException) { task.Description = Markup.Escape(names) + " [yellow](cancelled)[/]"; return; }
                         catch (NonFiniteException e)
                         {
-                            failed++; stop = true;
-                            imageTask.StopTask();
-                            CliErrors.Print($"{file}: {e.Message}; stopping");
+                            failed += batch.Count; stop = true;
+                            task.StopTask();
+                            CliErrors.Print($"{string.Join(", ", batch.Select(b => b.Item.File).Distinct())}: {e.Message}; stopping");
                         }
                         catch (Exception e) when (e is ImageFileException or IOException or ArgumentException or InvalidOperationException or CheckpointException)
                         {
-                            failed++;
-                            imageTask.StopTask();
-                            imageTask.Description = Markup.Escape(stem) + " [red](failed)[/]";
-                            var msg = e.Message.StartsWith(file, StringComparison.Ordinal) ? e.Message : $"{file}: {e.Message}";
+                            failed += batch.Count;
+                            task.StopTask();
+                            task.Description = Markup.Escape(names) + " [red](failed)[/]";
+                            var files = string.Join(", ", batch.Select(b => b.Item.File).Distinct());
+                            var msg = e.Message.StartsWith(batch[0].Item.File, StringComparison.Ordinal) ? e.Message : $"{files}: {e.Message}";
                             CliErrors.Print(msg + OomHint(e));
                         }
-                        finally { all.Increment(1); }
+                        finally
+                        {
+                            foreach (var b in batch) b.Lq.Dispose();
+                            all.Increment(batch.Count);
+                        }
                     }
                 }
+                finally { cached?.Dispose(); }
             });
         AnsiConsole.MarkupLine($"{done} restored, {skipped} up to date, {failed} failed in {sw.Elapsed.TotalSeconds:F1}s → {Markup.Escape(Path.GetFullPath(s.Output))}");
         if (ct.IsCancellationRequested) return 130;
         if (failed == 0) return 0;
         return done + skipped > 0 ? 1 : 2;
     }
+
+    /// <summary>One output to make: an input file, its sample's stem, seed and skip key.</summary>
+    sealed record WorkItem(string File, string Stem, string OutPng, string OutJson, string InputSha, long Seed, string Key);
 
     /// <summary>The libtorch the process loaded (TorchSharp's native build string), or "unknown".</summary>
     internal static string LibTorchVersion => DiffBIR.Lab.RunInfo.LibTorchVersion;
@@ -440,7 +499,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         ["vae_encoder_tiled"] = s.VaeEncoderTiled, ["vae_encoder_tile_size"] = s.VaeEncoderTileSize,
         ["vae_decoder_tiled"] = s.VaeDecoderTiled, ["vae_decoder_tile_size"] = s.VaeDecoderTileSize,
         ["cldm_tiled"] = s.CldmTiled, ["cldm_tile_size"] = s.CldmTileSize, ["cldm_tile_stride"] = s.CldmTileStride,
-        ["precision"] = s.Precision, ["device"] = s.Device, ["threads"] = threads,
+        ["precision"] = s.Precision, ["device"] = s.Device, ["threads"] = threads, ["batch_size"] = s.BatchSize,
     };
 
     /// <summary>What makes an output reusable: settings, input bytes, seed and checkpoint bytes.</summary>

@@ -55,11 +55,12 @@ public static class PipelineChecks
         if (o.Seed < 0 || o.Seed > MaxSeed) throw new OptionException("--seed", $"must be in 0..{MaxSeed} (the official range) (got {o.Seed})");
         if (!Sampling.Samplers.Names.Contains(o.Sampler))
             throw new OptionException("--sampler", $"unknown sampler '{o.Sampler}' (one of {string.Join(", ", Sampling.Samplers.Names)})");
-        Tile("--cleaner-tile-size", o.CleanerTileSize, "--cleaner-tile-stride", o.CleanerTileStride, 8);
-        Tile("--vae-encoder-tile-size", o.VaeEncoderTileSize, null, 0, 8);
-        Tile("--vae-decoder-tile-size", o.VaeDecoderTileSize, null, 0, 8);
-        Tile("--cldm-tile-size", o.CldmTileSize, "--cldm-tile-stride", o.CldmTileStride, 64);
-        if (o.CldmTileStride % 8 != 0)
+        // tile options are checked where their tiling is on (they mean nothing otherwise)
+        if (o.CleanerTiled) Tile("--cleaner-tile-size", o.CleanerTileSize, "--cleaner-tile-stride", o.CleanerTileStride, 8);
+        if (o.VaeEncoderTiled) Tile("--vae-encoder-tile-size", o.VaeEncoderTileSize, null, 0, 8);
+        if (o.VaeDecoderTiled) Tile("--vae-decoder-tile-size", o.VaeDecoderTileSize, null, 0, 8);
+        if (o.CldmTiled) Tile("--cldm-tile-size", o.CldmTileSize, "--cldm-tile-stride", o.CldmTileStride, 64);
+        if (o.CldmTiled && o.CldmTileStride % 8 != 0)
             throw new OptionException("--cldm-tile-stride", $"{o.CldmTileStride} px must be a multiple of 8 px (one latent pixel)");
         if (o.Guidance is { } g)
         {
