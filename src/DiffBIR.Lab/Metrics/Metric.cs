@@ -36,6 +36,9 @@ public sealed record MetricInfo(
     public bool NeedsWeights => Weights.Count > 0;
 }
 
+/// <summary>Whether a metric can load its trained weights, and if not, why (each missing file named).</summary>
+public sealed record MetricAvailability(bool Available, string Reason);
+
 /// <summary>A metric cannot run because weight files are missing (or unconverted); the message names each file.</summary>
 public sealed class MetricUnavailableException : FileNotFoundException
 {
@@ -131,7 +134,7 @@ public abstract class Metric : IDisposable
     static string Normalise(string name) => name.Trim().ToLowerInvariant();
 
     /// <summary>Whether <see cref="Get"/> would load the trained metric from <paramref name="weightsDir"/>, and if not why (naming each missing file).</summary>
-    public static (bool Available, string Reason) Availability(string name, string weightsDir = "weights")
+    public static MetricAvailability Availability(string name, string weightsDir = "weights")
     {
         var info = Describe(name);
         var problems = new List<string>();
@@ -144,7 +147,7 @@ public abstract class Metric : IDisposable
             else if (w.Converted != null) problems.Add($"{downloaded} missing ({FetchHint}); then {w.HowToConvert}");
             else problems.Add($"{downloaded} missing ({FetchHint})");
         }
-        return problems.Count == 0 ? (true, "") : (false, "unavailable: " + string.Join("; ", problems));
+        return problems.Count == 0 ? new(true, "") : new(false, "unavailable: " + string.Join("; ", problems));
     }
 
     /// <summary>
