@@ -219,3 +219,35 @@ let ``metrics exits 2 when nothing pairs or a named metric has no weights`` () =
     let code2, log2 = run [ "metrics"; "--ref"; refDir; "--pred"; predDir; "--metrics"; "lpips"; "-o"; dir.File "t.csv"; "--weights"; noWeights dir ]
     Assert.True((code2 = 2), log2)
     log2 |> should haveSubstring "LPIPS_v0.1_alex-df73285e.pth missing"
+
+/// The registry's own loading path (two files, torchvision key names mapped onto the LPIPS trunk, heads duplicated into
+/// `lins`) checked against pyiqa: the LPIPS-Alex fixture has full-size weights, written here as the two released files.
+[<Fact>]
+let ``lpips loads the torchvision trunk and the LPIPS heads from weights/ and reproduces pyiqa's score`` () =
+    use dir = new TempDir()
+    let w = noWeights dir
+    use f = DiffBIR.Lab.Parity.Fixture.Load(fixture "iqa/lpips_alex.safetensors")
+    let trunk = Collections.Generic.Dictionary<string, torch.Tensor>()
+    let heads = Collections.Generic.Dictionary<string, torch.Tensor>()
+    for KeyValue(k, v) in f.Tensors do
+        let parts = k.Split '.'
+        // weights.net.slice2.3.weight → features.3.weight (torchvision's names)
+        if k.StartsWith "weights.net.slice" then trunk.[$"features.{parts.[3]}.{parts.[4]}"] <- v
+        elif Text.RegularExpressions.Regex.IsMatch(k, @"^weights\.lin\d\.") then heads.[k.Substring 8] <- v
+    heads.Count |> should equal 5
+    use unused = torch.zeros(4L, 4L)
+    trunk.["classifier.1.weight"] <- unused // torchvision's file holds the classifier too; LPIPS does not use it
+    DiffBIR.Lab.Checkpoints.SafeTensors.Save(Path.Combine(w, "alexnet-owt-7be5be79.pth"), trunk)
+    DiffBIR.Lab.Checkpoints.SafeTensors.Save(Path.Combine(w, "LPIPS_v0.1_alex-df73285e.pth"), heads)
+    use m = Metric.Get("lpips", w)
+    m.RandomWeights |> should be False
+    m.Label |> should equal "lpips"
+    for run in [ "a"; "b" ] do
+        let want = float ((f.Out $"{run}.score").item<float32>())
+        let got = m.Score(f.In $"{run}.target", f.In $"{run}.ref").[0]
+        got |> should (equalWithin (1e-5 * abs want)) want
+    // A head file without lin2 is refused by the strict load, naming the key.
+    heads.Remove "lin2.model.1.weight" |> ignore
+    DiffBIR.Lab.Checkpoints.SafeTensors.Save(Path.Combine(w, "LPIPS_v0.1_alex-df73285e.pth"), heads)
+    let e = Assert.ThrowsAny<DiffBIR.Lab.Checkpoints.CheckpointException>(fun () -> Metric.Get("lpips", w) |> ignore)
+    e.Message |> should haveSubstring "lin2.model.1.weight"
