@@ -251,3 +251,37 @@ let ``lpips loads the torchvision trunk and the LPIPS heads from weights/ and re
     DiffBIR.Lab.Checkpoints.SafeTensors.Save(Path.Combine(w, "LPIPS_v0.1_alex-df73285e.pth"), heads)
     let e = Assert.ThrowsAny<DiffBIR.Lab.Checkpoints.CheckpointException>(fun () -> Metric.Get("lpips", w) |> ignore)
     e.Message |> should haveSubstring "lin2.model.1.weight"
+
+[<Fact>]
+let ``pairing is by file-name stem; without references every prediction stands alone; a stem twice in a folder is named`` () =
+    use dir = new TempDir()
+    let refDir = dir.File "ref"
+    let predDir = dir.File "pred"
+    Directory.CreateDirectory refDir |> ignore
+    Directory.CreateDirectory predDir |> ignore
+    savePng (Path.Combine(refDir, "a.png")) 1 16 16
+    savePng (Path.Combine(predDir, "a.png")) 1 16 16
+    File.Copy(Path.Combine(predDir, "a.png"), Path.Combine(predDir, "b.png"))
+    File.Copy(Path.Combine(predDir, "a.png"), Path.Combine(predDir, "b.bmp"))   // same stem twice: ambiguous
+    File.WriteAllText(Path.Combine(predDir, "notes.txt"), "not an image")
+    let r = MetricsTable.Pair(predDir, refDir)
+    r.Pairs |> Seq.map (fun p -> p.Name) |> List.ofSeq |> should equal [ "a" ]
+    r.Unpaired |> Seq.exists (fun u -> u.Contains "b.bmp" && u.Contains "b.png" && u.Contains "same name stem") |> should be True
+    r.Unpaired.Count |> should equal 1
+    let alone = MetricsTable.Pair(predDir, null)
+    alone.Pairs.Count |> should equal 1
+    alone.Pairs.[0].Name |> should equal "a"
+    isNull alone.Pairs.[0].Ref |> should be True
+
+[<Fact>]
+let ``weights list shows each metric's availability and fetch refuses an unknown metric`` () =
+    use dir = new TempDir()
+    let w = noWeights dir
+    let manifest = Path.Combine(repoRoot, "weights", "manifest.json")
+    let code, log = run [ "weights"; "list"; "--weights"; w; "--manifest"; manifest ]
+    Assert.True((code = 0), log)
+    log |> should haveSubstring "metric psnr       available"
+    log |> should haveSubstring "musiq_koniq_ckpt-e95806b9.pth missing"
+    let code2, log2 = run [ "weights"; "fetch"; "metrics"; "--metrics"; "niqe"; "--weights"; w; "--manifest"; manifest ]
+    Assert.True((code2 = 2), log2)
+    log2 |> should haveSubstring "unknown metric 'niqe'"

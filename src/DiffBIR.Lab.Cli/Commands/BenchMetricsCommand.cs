@@ -32,7 +32,9 @@ public sealed class BenchMetricsCommand : Command<BenchMetricsSettings>
         var names = s.Metrics?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) ?? Metric.Names.ToArray();
         AnsiConsole.WriteLine($"bench metrics: {s.Size}×{s.Size} RGB, {s.Images} timed image(s) after 1 warm-up, CPU, {torch.get_num_threads()} thread(s), "
                               + "learned metrics with RANDOM weights (timing only)");
-        var table = new Table().Border(TableBorder.Simple).AddColumns("metric", "kind", "build s", "s/image", "images/s");
+        AnsiConsole.WriteLine($"load average at start: {LoadAverage()} (the machine may be shared: CPU s/image is the steadier number)");
+        var table = new Table().Border(TableBorder.Simple).AddColumns("metric", "kind", "build s", "wall s/image", "images/s", "CPU s/image");
+        var proc = Process.GetCurrentProcess();
         var gen = new Generator(1234);
         using var img = torch.randint(0, 256, new long[] { 1, s.Size, s.Size, 3 }, ScalarType.Byte, generator: gen);
         using var reference = torch.randint(0, 256, new long[] { 1, s.Size, s.Size, 3 }, ScalarType.Byte, generator: gen);
@@ -44,13 +46,20 @@ public sealed class BenchMetricsCommand : Command<BenchMetricsSettings>
             double buildS = build.Elapsed.TotalSeconds;
             var r = m.Info.NeedsReference ? reference : null;
             m.Score(img, r); // warm-up
+            proc.Refresh();
+            var cpu0 = proc.TotalProcessorTime;
             var sw = Stopwatch.StartNew();
             for (int i = 0; i < s.Images; i++) m.Score(img, r);
             double per = sw.Elapsed.TotalSeconds / s.Images;
-            table.AddRow(Markup.Escape(MetricsTable.Column(m)), m.Info.NeedsReference ? "FR" : "NR", $"{buildS:F2}", $"{per:F3}", $"{1 / per:F2}");
-            AnsiConsole.WriteLine($"{MetricsTable.Column(m)}: {per:F3} s/image, {1 / per:F2} images/s");
+            proc.Refresh();
+            double cpuPer = (proc.TotalProcessorTime - cpu0).TotalSeconds / s.Images;
+            table.AddRow(Markup.Escape(MetricsTable.Column(m)), m.Info.NeedsReference ? "FR" : "NR", $"{buildS:F2}", $"{per:F3}", $"{1 / per:F3}", $"{cpuPer:F3}");
+            AnsiConsole.WriteLine($"{MetricsTable.Column(m)}: {per:F3} s/image wall, {1 / per:F3} images/s, {cpuPer:F3} CPU s/image");
         }
         AnsiConsole.Write(table);
+        AnsiConsole.WriteLine($"load average at end: {LoadAverage()}");
         return 0;
     }
+
+    static string LoadAverage() => File.Exists("/proc/loadavg") ? string.Join(' ', File.ReadAllText("/proc/loadavg").Split(' ').Take(3)) : "n/a";
 }
