@@ -143,8 +143,9 @@ public abstract class Metric : IDisposable
             var loaded = Path.Combine(weightsDir, w.LoadedFile);
             if (File.Exists(loaded)) continue;
             var downloaded = Path.Combine(weightsDir, w.File);
-            if (w.Converted != null && File.Exists(downloaded)) problems.Add($"{loaded} missing — {downloaded} is present but {w.HowToConvert}");
-            else if (w.Converted != null) problems.Add($"{downloaded} missing ({FetchHint}); then {w.HowToConvert}");
+            var how = w.HowToConvert?.Replace("'weights/", "'" + weightsDir.TrimEnd('/') + "/", StringComparison.Ordinal);
+            if (w.Converted != null && File.Exists(downloaded)) problems.Add($"{loaded} missing — {downloaded} is present but {how}");
+            else if (w.Converted != null) problems.Add($"{downloaded} missing ({FetchHint}); then {how}");
             else problems.Add($"{downloaded} missing ({FetchHint})");
         }
         return problems.Count == 0 ? new(true, "") : new(false, "unavailable: " + string.Join("; ", problems));
