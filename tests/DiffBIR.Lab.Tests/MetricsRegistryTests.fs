@@ -285,3 +285,44 @@ let ``weights list shows each metric's availability and fetch refuses an unknown
     let code2, log2 = run [ "weights"; "fetch"; "metrics"; "--metrics"; "niqe"; "--weights"; w; "--manifest"; manifest ]
     Assert.True((code2 = 2), log2)
     log2 |> should haveSubstring "unknown metric 'niqe'"
+
+[<Fact>]
+let ``weights fetch metrics downloads exactly the named metric's files, which then load or are refused by name`` () =
+    use dir = new TempDir()
+    let w = noWeights dir
+    let payload = Array.init 4096 (fun i -> byte (i % 251))
+    let port =
+        let l = new Net.Sockets.TcpListener(Net.IPAddress.Loopback, 0)
+        l.Start()
+        let p = (l.LocalEndpoint :?> Net.IPEndPoint).Port
+        l.Stop()
+        p
+    use listener = new Net.HttpListener()
+    listener.Prefixes.Add(sprintf "http://127.0.0.1:%d/" port)
+    listener.Start()
+    let served = Collections.Concurrent.ConcurrentBag<string>()
+    let _server =
+        Threading.Tasks.Task.Run(fun () ->
+            try
+                while listener.IsListening do
+                    let ctx = listener.GetContext()
+                    served.Add ctx.Request.Url.AbsolutePath
+                    ctx.Response.ContentLength64 <- int64 payload.Length
+                    ctx.Response.OutputStream.Write(payload, 0, payload.Length)
+                    ctx.Response.Close()
+            with _ -> ())
+    let entry id file =
+        sprintf """{ "id": "%s", "file": "%s", "url": "http://127.0.0.1:%d/%s", "size_bytes": null, "sha256": null, "format": "test", "loads_into": "test", "loading": "test" }""" id file port file
+    let manifest = dir.File "manifest.json"
+    File.WriteAllText(manifest,
+        sprintf """{ "schema_version": 1, "files": [ %s, %s ], "presets": {}, "always": [] }"""
+            (entry "musiq_koniq" "musiq_koniq_ckpt-e95806b9.pth") (entry "maniqa_koniq" "ckpt_koniq10k.pt"))
+    let code, log = run [ "weights"; "fetch"; "metrics"; "--metrics"; "musiq"; "--weights"; w; "--manifest"; manifest ]
+    Assert.True((code = 0), log)
+    served |> List.ofSeq |> should equal [ "/musiq_koniq_ckpt-e95806b9.pth" ]
+    File.Exists(Path.Combine(w, "ckpt_koniq10k.pt")) |> should be False
+    Metric.Availability("musiq", w).Available |> should be True
+    // These bytes are not a checkpoint: the metric refuses to load them, naming the file — it never scores.
+    let e = Assert.ThrowsAny<DiffBIR.Lab.Checkpoints.CheckpointException>(fun () -> Metric.Get("musiq", w) |> ignore)
+    e.Message |> should haveSubstring "musiq_koniq_ckpt-e95806b9.pth"
+    listener.Stop()
