@@ -63,6 +63,7 @@ let ``without weights a learned metric is unavailable and names the missing file
     e.Message |> should haveSubstring "unavailable"
     e.Message |> should haveSubstring (Path.Combine(w, "musiq_koniq_ckpt-e95806b9.pth") + " missing")
     e.Message |> should haveSubstring "weights fetch metrics"
+    e.FileName |> should equal (Path.Combine(w, "musiq_koniq_ckpt-e95806b9.pth"))
     let lp = Metric.Availability("lpips", w)
     lp.Available |> should be False
     lp.Reason |> should haveSubstring "LPIPS_v0.1_alex-df73285e.pth missing"

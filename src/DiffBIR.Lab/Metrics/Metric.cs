@@ -165,7 +165,9 @@ public abstract class Metric : IDisposable
         if (!randomWeightsForTests)
         {
             var (ok, reason) = Availability(info.Name, weightsDir);
-            if (!ok) throw new MetricUnavailableException(info.Name, reason, Path.Combine(weightsDir, info.Weights[0].LoadedFile));
+            if (!ok)
+                throw new MetricUnavailableException(info.Name, reason,
+                    info.Weights.Select(w => Path.Combine(weightsDir, w.LoadedFile)).First(f => !File.Exists(f)));
         }
         string W(int i) => Path.Combine(weightsDir, info.Weights[i].LoadedFile);
         bool rnd = randomWeightsForTests;
