@@ -14,6 +14,8 @@ app.Configure(c =>
         .WithDescription("The main job. Until restoration lands (issues 3-5) it exercises image I/O, checkpoint reading and the parity runner, and says so.");
     c.AddCommand<RestoreCommand>("restore")
         .WithDescription("Restore an image or a folder (presets v1, v2, v2.1, tiny, custom) with every official knob; a JSON manifest beside each output.");
+    c.AddCommand<MetricsCommand>("metrics")
+        .WithDescription("Image-quality metrics (psnr, ssim, lpips, musiq, clipiqa, maniqa, …) over a folder of predictions paired with references by name; CSV per image plus means.");
     c.AddCommand<ParityCommand>("parity")
         .WithDescription("Compare our implementation with the official code on golden fixtures (files or folders).");
     c.AddBranch("weights", w =>
@@ -28,6 +30,7 @@ app.Configure(c =>
         b.SetDescription("Benchmarks (not tests).");
         b.AddCommand<BenchBuildCommand>("build").WithDescription("Build the full-size networks on the CPU (float32) and report time, parameters and memory.");
         b.AddCommand<BenchPipelineCommand>("pipeline").WithDescription("Time the full-size v2 pipeline (random weights) on a GPU: s/image, ms/step, peak memory, FLOPs and floor.");
+        b.AddCommand<BenchMetricsCommand>("metrics").WithDescription("Images/s of each image-quality metric on the CPU (random weights, timing only).");
         b.AddCommand<BenchMemoryCommand>("memory").WithDescription("Run the tiny pipeline N times in one process; print RSS and live tensors per run.");
     });
     c.AddBranch("notebooks", n =>

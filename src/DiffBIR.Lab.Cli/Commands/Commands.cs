@@ -205,6 +205,11 @@ namespace DiffBIR.Lab.Cli.Commands
                     var missing = m.Missing(s.Weights, preset, task);
                     AnsiConsole.MarkupLine($"{preset,-5} {task,-8} " + (missing.Count == 0 ? "[green]complete[/]" : $"missing {Markup.Escape(string.Join(", ", missing.Select(x => x.File)))}"));
                 }
+            foreach (var n in DiffBIR.Lab.Metrics.Metric.Names)
+            {
+                var (ok, reason) = DiffBIR.Lab.Metrics.Metric.Availability(n, s.Weights);
+                AnsiConsole.MarkupLine($"metric {Markup.Escape(n),-10} " + (ok ? "[green]available[/]" : Markup.Escape(reason)));
+            }
             return 0;
         }
     }
@@ -212,8 +217,12 @@ namespace DiffBIR.Lab.Cli.Commands
     public sealed class WeightsFetchSettings : WeightsListSettings
     {
         [CommandArgument(0, "<PRESET>")]
-        [Description("v1, v2 or v2.1.")]
+        [Description("v1, v2 or v2.1; or 'metrics' for the image-quality metrics' files.")]
         public string Preset { get; set; } = "";
+
+        [CommandOption("--metrics <NAMES>")]
+        [Description("With 'metrics': which metrics, comma-separated (default all: psnr,ssim need none).")]
+        public string? Metrics { get; set; }
 
         [CommandOption("--task <TASK>")]
         [Description("sr, face, denoise, or all (default all).")]
@@ -226,8 +235,17 @@ namespace DiffBIR.Lab.Cli.Commands
         public override async Task<int> ExecuteAsync(CommandContext context, WeightsFetchSettings s, CancellationToken ct)
         {
             var m = DiffBIR.Lab.Weights.WeightsManifest.Load(s.Manifest ?? Path.Combine(s.Weights, "manifest.json"));
-            var tasks = s.Task == "all" ? new[] { "sr", "face", "denoise" } : new[] { s.Task };
-            var files = tasks.SelectMany(t => m.FilesFor(s.Preset, t)).DistinctBy(f => f.Id).ToList();
+            List<DiffBIR.Lab.Weights.WeightFile> files;
+            if (s.Preset == "metrics")
+            {
+                var names = s.Metrics is { } list ? list.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : DiffBIR.Lab.Metrics.Metric.Names.ToArray();
+                files = names.SelectMany(n => DiffBIR.Lab.Metrics.Metric.Describe(n).Weights).Select(w => m[w.Id]).DistinctBy(f => f.Id).ToList();
+            }
+            else
+            {
+                var tasks = s.Task == "all" ? new[] { "sr", "face", "denoise" } : new[] { s.Task };
+                files = tasks.SelectMany(t => m.FilesFor(s.Preset, t)).DistinctBy(f => f.Id).ToList();
+            }
             var fetcher = new DiffBIR.Lab.Weights.WeightsFetcher(s.Weights);
             int failed = 0;
             await AnsiConsole.Progress().AutoClear(false)
@@ -255,6 +273,13 @@ namespace DiffBIR.Lab.Cli.Commands
                         }
                     }
                 });
+            if (s.Preset == "metrics")
+                foreach (var n in DiffBIR.Lab.Metrics.Metric.Names)
+                    if (s.Metrics is null || s.Metrics.Split(',').Select(x => x.Trim()).Contains(n))
+                    {
+                        var (ok, reason) = DiffBIR.Lab.Metrics.Metric.Availability(n, s.Weights);
+                        if (!ok) AnsiConsole.WriteLine($"{n}: {reason}");
+                    }
             return failed == 0 ? 0 : 2;
         }
     }

@@ -24,11 +24,25 @@ public static class ImageMetrics
         return (y / 255.0).MoveToOuterDisposeScope();
     }
 
+    // A uint8 image read as [0, 1] gives a plausible-looking wrong number (PSNR ≈ 0 dB, SSIM near 1): refuse it here.
+    static void RequireFloatNchw(Tensor a, Tensor b, string metric)
+    {
+        foreach (var t in new[] { a, b })
+        {
+            if (!t.is_floating_point())
+                throw new ArgumentException($"{metric}: expects float NCHW images in [0, 1], got {t.dtype} [{string.Join(",", t.shape)}]; "
+                                            + "for uint8 NHWC images use ImageIO.FromUInt8 or Metric.Get(\"psnr\" / \"ssim\")");
+            if (t.dim() != 4)
+                throw new ArgumentException($"{metric}: expects NCHW images [N, C, H, W], got [{string.Join(",", t.shape)}]");
+        }
+    }
+
     static Tensor Crop(Tensor x, int c) => c == 0 ? x : x[.., .., c..^c, c..^c];
 
     /// <summary>Mean squared error per image, as inside <see cref="Psnr"/> (after the optional crop and Y conversion).</summary>
     public static Tensor Mse(Tensor a, Tensor b, int cropBorder = 0, bool yChannel = false)
     {
+        RequireFloatNchw(a, b, "PSNR/MSE");
         if (!a.shape.SequenceEqual(b.shape))
             throw new ArgumentException($"image shapes differ: [{string.Join(",", a.shape)}] vs [{string.Join(",", b.shape)}]");
         using var scope = torch.NewDisposeScope();
@@ -66,6 +80,7 @@ public static class ImageMetrics
     /// </summary>
     public static Tensor Ssim(Tensor a, Tensor b, double dataRange = 1.0, double sigma = 1.5)
     {
+        RequireFloatNchw(a, b, "SSIM");
         if (!a.shape.SequenceEqual(b.shape))
             throw new ArgumentException($"image shapes differ: [{string.Join(",", a.shape)}] vs [{string.Join(",", b.shape)}]");
         using var scope = torch.NewDisposeScope();
