@@ -91,6 +91,13 @@ let ``guidance options reach the pipeline: wmse with a patch size and a schedule
     let m = JsonNode.Parse(File.ReadAllText(dir.File "out/a.json"))
     m.["settings"].["guidance"].GetValue<string>() |> should equal "wmse"
     m.["settings"].["g_patch"].GetValue<int>() |> should equal 4
+    // what the pipeline used: at every guided step the scale in effect is 0.5·f(t), f linear 0 at t=999 → 1 at t=0
+    let steps = m.["guidance_steps"].AsArray()
+    steps.Count |> should equal 2
+    for st in steps do
+        let t = st.["t"].GetValue<int>()
+        st.["scale"].GetValue<float>() |> should (equalWithin 1e-12) (0.5 * (1.0 - float t / 999.0))
+        st.["loss"].GetValue<float>() |> should be (greaterThan 0.0)
 
 [<Fact>]
 let ``consecutive tiny restorations in one process leave no native tensors behind`` () =

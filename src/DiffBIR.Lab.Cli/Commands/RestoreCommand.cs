@@ -67,7 +67,7 @@ public sealed class RestoreSettings : CommandSettings
     [CommandOption("--g-repeat <N>")] public int GRepeat { get; set; } = 1;
     [CommandOption("--g-patch <P>")] [Description("Gradient-map patch size for wmse (official 2).")]
     public int GPatch { get; set; } = 2;
-    [CommandOption("--g-schedule <SPEC>")] [Description("constant (default), linear:A:B, cosine:A:B (A at t=999, B at t=0) or piecewise:T=S,T=S,…")]
+    [CommandOption("--g-schedule <SPEC>")] [Description("A factor f(t) of --g-scale (the scale in effect is s·f(t)): constant (default, f = 1), linear:A:B, cosine:A:B (A at t=999, B at t=0) or piecewise:T=F,T=F,…")]
     public string GSchedule { get; set; } = "constant";
 
     [CommandOption("--cleaner-tiled")] public bool CleanerTiled { get; set; }
@@ -375,7 +375,14 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                             using var scope = torch.NewDisposeScope();
                             var lqBatch = batch.Count == 1 ? batch[0].Lq : torch.cat(batch.Select(b => b.Lq).ToArray(), 0);
                             using var noise = batch.Count == 1 ? null : new BatchNoise(batch.Select(b => b.Item.Seed).ToArray());
-                            preset.Pipeline.StepObserver = info => { task.Increment(1); return !ct.IsCancellationRequested; };
+                            var guided = new JsonArray();
+                            preset.Pipeline.StepObserver = info =>
+                            {
+                                task.Increment(1);
+                                if (info.GuidanceApplied && guidance is not null)
+                                    guided.Add(new JsonObject { ["step"] = info.Step, ["t"] = info.Timestep, ["scale"] = guidance.ScaleAt(info.Timestep), ["loss"] = info.GuidanceLoss });
+                                return !ct.IsCancellationRequested;
+                            };
                             var options = MakeOptions(s, guidance, batch[0].Item.Seed) with { Noise = noise };
                             using var result = preset.Restore(lqBatch, options);
                             double seconds = Math.Round(t0.Elapsed.TotalSeconds / batch.Count, 3);
@@ -393,6 +400,8 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                                     ["notices"] = new JsonArray(info.Notices.Concat(result.Notes).Select(x => (JsonNode)x!).ToArray()),
                                     ["seed"] = item.Seed,
                                     ["batch"] = batch.Count,
+                                    // what guidance did: per guided step the scale in effect, s·f(t), and the loss (whole batch)
+                                    ["guidance_steps"] = JsonNode.Parse(guided.ToJsonString()),
                                     ["settings"] = JsonNode.Parse(settings.ToJsonString()),
                                     ["checkpoints"] = JsonNode.Parse(JsonSerializer.Serialize(checkpoints)),
                                     ["not_a_trained_model"] = result.NotATrainedModel,

@@ -1,8 +1,10 @@
 namespace DiffBIR.Lab.Guidance;
 
 /// <summary>
-/// A guidance scale that varies over the sampling run: s(t) for the model timestep t (999 = noisiest … 0 = clean).
-/// The official code has only a constant s inside a [t_stop, t_start] window; these are the extensions.
+/// A factor f(t) of the guidance scale over the sampling run, for the model timestep t (999 = noisiest … 0 = clean):
+/// the scale in effect is s(t) = s · f(t), s being <see cref="RestorationGuidance.Scale"/> (so `--g-scale 0.5
+/// --g-schedule linear:0:1` ramps from 0 to 0.5). The official code has only a constant s inside a
+/// [t_stop, t_start] window; these are the extensions.
 /// </summary>
 public sealed class GuidanceSchedule
 {

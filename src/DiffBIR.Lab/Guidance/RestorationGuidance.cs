@@ -22,14 +22,14 @@ public abstract class RestorationGuidance
     public int TStop { get; init; } = -1;
     public GuidanceSpace Space { get; init; } = GuidanceSpace.Rgb;
     public int Repeat { get; init; } = 1;
-    /// <summary>s(t) instead of the constant <see cref="Scale"/> (t = model timestep, 999 … 0).</summary>
+    /// <summary>A factor f(t) of <see cref="Scale"/> (t = model timestep, 999 … 0): s(t) = s · f(t). Null: f = 1.</summary>
     public GuidanceSchedule? Schedule { get; init; }
 
     /// <summary>The official stored value: s·3000.</summary>
     public double InternalScale => Scale * 3000;
 
-    /// <summary>The paper scale in effect at model timestep t.</summary>
-    public double ScaleAt(int t) => Schedule?.At(t) ?? Scale;
+    /// <summary>The paper scale in effect at model timestep t: s · f(t).</summary>
+    public double ScaleAt(int t) => Scale * (Schedule?.At(t) ?? 1.0);
 
     /// <summary>Whether the window contains model timestep t (official: t_stop &lt; t+1 &lt; t_start).</summary>
     public bool IsActive(int t) { int tNow = t + 1; return TStop < tNow && tNow < TStart; }
