@@ -287,3 +287,12 @@ let ``restore --batch-size batches images and samples of one size, and equals on
     // samples keep their seeds in a batch
     let m1 = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, "four", "a_1.json")))
     m1.["seed"].GetValue<int64>() |> should equal 232L
+
+[<Fact>]
+let ``without --steps the preset's default runs, and the manifest records it`` () =
+    use dir = new TempDir()
+    oneImage dir.Path
+    let code, out, err = run3 dir.Path [ "restore"; "-i"; "in"; "-o"; "out"; "--version"; "tiny"; "--sampler"; "ddim"; "--weights"; "no-weights" ]
+    Assert.True((code = 0), out + err)
+    let m = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, "out", "a.json")))
+    m.["settings"].["steps"].GetValue<int>() |> should equal DiffBIR.Lab.Pipeline.Presets.Tiny.Defaults.Steps

@@ -38,7 +38,8 @@ public sealed class RestoreSettings : CommandSettings
 
     [CommandOption("--sampler <NAME>")] [Description("spaced, ddim, dpm++_m2, edm_euler, edm_euler_a, edm_heun, edm_dpm_2, edm_dpm_2_a, edm_lms, edm_dpm++_2s_a, edm_dpm++_sde, edm_dpm++_2m, edm_dpm++_2m_sde, edm_dpm++_3m_sde (default).")]
     public string Sampler { get; set; } = "edm_dpm++_3m_sde";
-    [CommandOption("--steps <N>")] public int Steps { get; set; } = 10;
+    [CommandOption("--steps <N>")] [Description("Sampling steps (default: the preset's — 10, the official default; tiny 2).")]
+    public int? Steps { get; set; }
     [CommandOption("--cfg <SCALE>")] [Description("Classifier-free guidance scale (default 6).")]
     public double Cfg { get; set; } = 6.0;
     [CommandOption("--rescale-cfg")] public bool RescaleCfg { get; set; }
@@ -233,7 +234,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
 
     static PipelineOptions MakeOptions(RestoreSettings s, RestorationGuidance? guidance, long seed) => new()
     {
-        Steps = s.Steps, Strength = s.Strength, Sampler = s.Sampler, CfgScale = s.Cfg, RescaleCfg = s.RescaleCfg,
+        Steps = s.Steps ?? 10, Strength = s.Strength, Sampler = s.Sampler, CfgScale = s.Cfg, RescaleCfg = s.RescaleCfg,
         PosPrompt = s.PosPrompt, NegPrompt = s.NegPrompt, NoiseAug = s.NoiseAug,
         StartPointType = s.StartPoint == "cond" ? Pipeline.StartPoint.Cond : Pipeline.StartPoint.Noise,
         SChurn = s.SChurn, STmin = s.STmin, STmax = s.STmax, SNoise = s.SNoise, Eta = s.Eta, Order = s.Order,
@@ -252,6 +253,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         CheckOutputFolder(s);
         var presetName = ChoosePreset(s);
         var spec = Presets.Get(presetName);
+        s.Steps ??= spec.Defaults.Steps;          // the preset's default unless given; the manifest records the effective value
         var task = Presets.ParseTask(s.Task);
         double upscale = s.Upscale ?? (task == RestorationTask.Sr ? 4 : 1);
         var guidance = MakeGuidance(s);
@@ -368,7 +370,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                         }
                         if (batch.Count == 0) continue;
                         var names = batch.Count == 1 ? batch[0].Item.Stem : $"{batch[0].Item.Stem} (+{batch.Count - 1})";
-                        var task = pctx.AddTask(Markup.Escape(names), maxValue: s.Steps);
+                        var task = pctx.AddTask(Markup.Escape(names), maxValue: s.Steps ?? 10);
                         var t0 = System.Diagnostics.Stopwatch.StartNew();
                         try
                         {
