@@ -17,8 +17,11 @@ open DiffBIR.Lab.Stages
 /// The ideal ε- or v-model of a Gaussian prior N(z*, 0.5·I) around one clean latent z*: x̂₀ is the exact posterior
 /// mean z* + 0.5·√ᾱ/(0.5·ᾱ + 1 − ᾱ)·(x_t − √ᾱ·z*), so it follows the state (a guided state gives a closer x̂₀ next
 /// step). Continuous DPM-Solver times are rounded to the grid.
-let private oracle (schedule: NoiseSchedule) (zStar: torch.Tensor) =
-    let ac = torch.tensor(schedule.AlphasCumprod()).to_type(torch.float32)
+/// EDM samplers see ᾱ(999) as 1e-8 (σ_max = 10⁴, as the official EDMSampler forces it): the ideal model there knows that.
+let private oracle (schedule: NoiseSchedule) (edm: bool) (zStar: torch.Tensor) =
+    let table = schedule.AlphasCumprod() |> Array.copy
+    if edm then table.[table.Length - 1] <- 1e-8
+    let ac = torch.tensor(table).to_type(torch.float32)
     let v = 0.5f
     { new IDenoiser with
         member _.Forward(x, t, _) =
@@ -41,7 +44,7 @@ let private run (schedule: NoiseSchedule) (name: string) (s: float) =
     use gx = new torch.Generator(3UL)
     let xT = torch.randn([| 1L; 4L; 8L; 8L |], generator = gx)
     let cond = Conditioning(torch.zeros(1L, 77L, 32L), zStar)
-    let step = SampleStep(Samplers.Create(name, schedule, SamplerOptions(CfgScale = 1.0)), oracle schedule zStar, cond, cond)
+    let step = SampleStep(Samplers.Create(name, schedule, SamplerOptions(CfgScale = 1.0)), oracle schedule (name.StartsWith "edm_") zStar, cond, cond)
     let guide = if s = 0.0 then null else Guide(MseGuidance(Scale = s, Space = GuidanceSpace.Latent), target)
     let mutable lastLoss = nan
     let observer = Func<StepInfo, bool>(fun i -> (if i.GuidanceLoss.HasValue then lastLoss <- i.GuidanceLoss.Value); true)
