@@ -91,7 +91,7 @@ let private refused name extra fragments =
 let cases : Case list =
     [ refused "steps 0" [ "--steps"; "0" ] [ "--steps" ]
       refused "steps -1" [ "--steps"; "-1" ] [ "--steps" ]
-      refused "steps NaN" [ "--steps"; "NaN" ] [ "--steps"; "not an integer" ]
+      refused "steps NaN" [ "--steps"; "NaN" ] [ "--steps"; "'NaN' is not a valid value" ]
       refused "steps int max" [ "--steps"; "2147483647" ] [ "--steps"; "1..1000" ]
       refused "seed abc" [ "--seed"; "abc" ] [ "--seed"; "not an integer" ]
       refused "seed negative" [ "--seed"; "-1" ] [ "--seed"; "official range" ]

@@ -31,7 +31,10 @@ namespace DiffBIR.Lab.Cli
             var m = System.Text.RegularExpressions.Regex.Match(message, "^Failed to convert '(.*)' to (\\w+)");
             if (!m.Success) return message;
             int i = Array.IndexOf(args, m.Groups[1].Value);
-            string kind = m.Groups[2].Value switch { "Int32" or "Int64" => "an integer", "Double" or "Single" => "a number", var t => t };
+            var type = m.Groups[2].Value;
+            if (type.StartsWith("Nullable", StringComparison.Ordinal))       // int? / double? options: "Nullable`1[[System.Int32, …"
+                type = System.Text.RegularExpressions.Regex.Match(message, @"System\.(Int32|Int64|Double|Single)").Groups[1].Value is { Length: > 0 } inner ? inner : "a valid value";
+            string kind = type switch { "Int32" or "Int64" => "an integer", "Double" or "Single" => "a number", var t => t };
             return i > 0 && args[i - 1].StartsWith('-') ? $"{args[i - 1]}: '{m.Groups[1].Value}' is not {kind}" : $"'{m.Groups[1].Value}' is not {kind}";
         }
 
