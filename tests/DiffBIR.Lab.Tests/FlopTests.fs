@@ -2,7 +2,6 @@
 /// fixture-sized networks; and the full-size networks (built on the meta device: no weights allocated) within 2 % of
 /// the multiply-adds measured on the official networks (issue 14: UNet 461.6 G MAC and ControlNet 158.3 G MAC per call
 /// at a 64×64 latent; VAE encoder 541 G MAC and decoder 1,240 G MAC at 512²; BSRNet 294 G MAC for 128 → 512).
-[<Xunit.Collection("torch-threads")>]
 module DiffBIR.Lab.Tests.FlopTests
 
 open System

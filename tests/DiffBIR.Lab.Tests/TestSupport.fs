@@ -49,8 +49,6 @@ let assertParity (relative: string) =
     report
 
 /// Tests that change libtorch's process-wide thread count run alone (after the parallel ones): another test running
-/// meanwhile would compute with that count, and some kernels round differently with 1 thread than with 2. The FLOP
-/// tests (forward hooks) run here too: one full run of the suite crashed natively (exit 139) while they were in flight
-/// among the parallel classes, and they have not been seen to crash alone.
+/// meanwhile would compute with that count, and some kernels round differently with 1 thread than with 2.
 [<CollectionDefinition("torch-threads", DisableParallelization = true)>]
 type TorchThreadsCollection() = class end
