@@ -2,7 +2,6 @@ using System.ComponentModel;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
-using DiffBIR.Lab.Diagnostics;
 using DiffBIR.Lab.Guidance;
 using DiffBIR.Lab.Models;
 using DiffBIR.Lab.Models.Clip;
@@ -29,10 +28,12 @@ public sealed class BenchPipelineSettings : CommandSettings
     [CommandOption("--steps <N>")] public int Steps { get; set; } = 50;
     [CommandOption("--cfg <S>")] public double Cfg { get; set; } = 4.0;
     [CommandOption("--sampler <NAME>")] public string Sampler { get; set; } = "spaced";
-    [CommandOption("--runs <N>")] [Description("Timed runs per setting after one warm-up run (default 3; the median is reported). 0 reports the warm-up run itself (it runs the FLOP-counting hooks; for slow machines).")]
+    [CommandOption("--runs <N>")] [Description("Timed runs per setting after one warm-up run (default 3; the median is reported).")]
     public int Runs { get; set; } = 3;
-    [CommandOption("--matmul-size <N>")] [Description("Side of the square matmul timed for the machine's peak (default 2048).")]
-    public int MatmulSize { get; set; } = 2048;
+    [CommandOption("--peak-tflops-fp32 <X>")] [Description("The card's dense fp32 peak for the floor (default 67, H100/H200 SXM without TF32).")]
+    public double PeakFp32 { get; set; } = 67;
+    [CommandOption("--peak-tflops-fp16 <X>")] [Description("The card's dense fp16 tensor-core peak (default 989, H100/H200 SXM).")]
+    public double PeakFp16 { get; set; } = 989;
     [CommandOption("--json <FILE>")] [Description("Also write the results as JSON.")]
     public string? Json { get; set; }
 }
@@ -41,20 +42,16 @@ public sealed class BenchPipelineSettings : CommandSettings
 /// <c>diffbir-lab bench pipeline</c>: times the full-size v2 pipeline (BSRNet ×4 + ControlLDM) with random weights —
 /// time does not depend on the values — at the issue's settings: 128×128 input, ×4, spaced, 50 steps, cfg 4 with the
 /// default negative prompt, fp32 and fp16, without and with weighted-MSE guidance in rgb space. Prints time per
-/// image and per step, peak GPU memory (nvidia-smi, whole process, when available), the process's peak RSS, and the
-/// FLOPs of one run counted by <see cref="FlopCounter"/> during the warm-up run (every convolution, linear layer and
-/// attention product QKᵀ / A·V of every network, per network; 1 multiply-add = 2 FLOP; norms, activations and other
-/// elementwise work are not counted), the FLOP/s achieved, and its fraction of the machine's matmul peak measured in
-/// the same process with the same libtorch (best of several square matmuls in the run's dtype).
+/// image and per step, peak GPU memory (nvidia-smi, whole process, when available), and the model FLOPs of one run
+/// (convolutions and linear layers, counted with forward hooks; attention score/value products are not counted) with
+/// the floor time they imply on the card.
 /// </summary>
 public sealed class BenchPipelineCommand : Command<BenchPipelineSettings>
 {
-    sealed record Result(string Precision, string Guidance, double SecondsPerImage, double SecondsPerStep, double? PeakGpuMiB, double? PeakRssGiB,
-        double Tflop, double AchievedTflops, double MatmulPeakTflops, double FractionOfPeak, IReadOnlyDictionary<string, double> GmacPerNetwork);
+    sealed record Result(string Precision, string Guidance, double SecondsPerImage, double SecondsPerStep, double? PeakGpuMiB, double Tflop, double FloorSeconds);
 
     public override int Execute(CommandContext context, BenchPipelineSettings s, CancellationToken ct)
     {
-        if (s.Runs < 0) throw new ArgumentException($"--runs must be 0 or more (got {s.Runs})");
         var device = s.Device == "cuda" ? torch.CUDA : torch.CPU;
         if (s.Device == "cuda" && !torch.cuda.is_available())
         {
@@ -68,11 +65,6 @@ public sealed class BenchPipelineCommand : Command<BenchPipelineSettings>
             using var pipe = Build(device, precision);
             AnsiConsole.MarkupLine($"built the full-size v2 pipeline ({precision}, random weights) on {s.Device} in {sw.Elapsed.TotalSeconds:F1} s");
             using var lq = torch.randint(0, 256, new long[] { 1, s.Size, s.Size, 3 }, ScalarType.Byte, generator: new Generator(1));
-            var peakDtype = precision == "fp16" && device.type == DeviceType.CUDA ? ScalarType.Float16
-                : precision == "bf16" && device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
-            double matmulPeak = MatmulPeakFlops(device, peakDtype, s.MatmulSize);
-            AnsiConsole.MarkupLine(string.Create(CultureInfo.InvariantCulture,
-                $"matmul peak ({s.MatmulSize}², {peakDtype}, best of 5): {matmulPeak / 1e9:F1} GFLOP/s"));
             foreach (var g in s.Guidance.Split(',', StringSplitOptions.RemoveEmptyEntries))
             {
                 var options = new PipelineOptions
@@ -81,14 +73,9 @@ public sealed class BenchPipelineCommand : Command<BenchPipelineSettings>
                     Guidance = g == "wmse" ? new WeightedMseGuidance { Scale = 0.5, Space = GuidanceSpace.Rgb } : null,
                 };
                 // Warm-up run, counting FLOPs.
-                var tw = Stopwatch.StartNew();
-                var counted = CountFlops(pipe, () => { using var _ = pipe.Run(lq, options); Sync(device); });
-                double warmup = tw.Elapsed.TotalSeconds;
-                double flops = counted.Flops;
-                AnsiConsole.MarkupLine(string.Create(CultureInfo.InvariantCulture,
-                    $"  warm-up run (counting): {warmup:F1} s, {flops / 1e12:F2} TFLOP counted = {flops / warmup / 1e9:F1} GFLOP/s"));
+                double flops = CountFlops(pipe, () => { using var _ = pipe.Run(lq, options); });
+                Sync(device);
                 var times = new List<double>();
-                if (s.Runs == 0) times.Add(warmup);
                 double? peak = null;
                 for (int r = 0; r < s.Runs; r++)
                 {
@@ -101,26 +88,19 @@ public sealed class BenchPipelineCommand : Command<BenchPipelineSettings>
                 }
                 times.Sort();
                 double median = times[times.Count / 2];
-                var perNetwork = counted.Roots.ToDictionary(r => r, r => counted.MacsOfRoot(r) / 1e9);
-                var res = new Result(precision, g, median, median / s.Steps, peak, PeakRssGiB(), flops / 1e12, flops / median / 1e12,
-                    matmulPeak / 1e12, flops / median / matmulPeak, perNetwork);
+                double peakTflops = precision == "fp32" ? s.PeakFp32 : s.PeakFp16;
+                var res = new Result(precision, g, median, median / s.Steps, peak, flops / 1e12, flops / (peakTflops * 1e12));
                 results.Add(res);
                 AnsiConsole.MarkupLine(string.Create(CultureInfo.InvariantCulture,
-                    $"  {precision} guidance={g}: {res.SecondsPerImage:F2} s/image, {res.SecondsPerStep * 1000:F1} ms/step, peak GPU {(peak is null ? "n/a" : $"{peak:F0} MiB")}, peak RSS {(res.PeakRssGiB is double rss ? $"{rss:F2} GiB" : "n/a")}"));
-                AnsiConsole.MarkupLine(string.Create(CultureInfo.InvariantCulture,
-                    $"    {res.Tflop:F2} TFLOP counted ({string.Join(", ", perNetwork.Select(kv => $"{kv.Key} {kv.Value:F1}"))} G MAC), {res.AchievedTflops * 1000:F1} GFLOP/s achieved = {res.FractionOfPeak:P1} of the measured matmul peak"));
-                if (counted.NotCalled.Count > 0)
-                    AnsiConsole.MarkupLine($"    [grey]layers that did not run: {counted.NotCalled.Count} (first: {Markup.Escape(counted.NotCalled[0])})[/]");
+                    $"  {precision} guidance={g}: {res.SecondsPerImage:F2} s/image, {res.SecondsPerStep * 1000:F1} ms/step, peak {(peak is null ? "n/a" : $"{peak:F0} MiB")}, {res.Tflop:F1} TFLOP (floor {res.FloorSeconds:F2} s)"));
                 ct.ThrowIfCancellationRequested();
             }
         }
-        var table = new Table().Border(TableBorder.Simple).AddColumns("precision", "guidance", "s/image", "ms/step", "peak GPU MiB", "peak RSS GiB",
-            "TFLOP", "achieved GFLOP/s", "matmul peak GFLOP/s", "% of peak");
-        string F(double v, string f) => v.ToString(f, CultureInfo.InvariantCulture);
+        var table = new Table().Border(TableBorder.Simple).AddColumns("precision", "guidance", "s/image", "ms/step", "peak GPU MiB", "TFLOP", "floor s");
         foreach (var r in results)
-            table.AddRow(r.Precision, r.Guidance, F(r.SecondsPerImage, "F2"), F(r.SecondsPerStep * 1000, "F1"),
-                r.PeakGpuMiB is double p ? F(p, "F0") : "n/a", r.PeakRssGiB is double rss ? F(rss, "F2") : "n/a",
-                F(r.Tflop, "F2"), F(r.AchievedTflops * 1000, "F1"), F(r.MatmulPeakTflops * 1000, "F1"), F(r.FractionOfPeak * 100, "F1"));
+            table.AddRow(r.Precision, r.Guidance, r.SecondsPerImage.ToString("F2", CultureInfo.InvariantCulture),
+                (r.SecondsPerStep * 1000).ToString("F1", CultureInfo.InvariantCulture), r.PeakGpuMiB?.ToString("F0", CultureInfo.InvariantCulture) ?? "n/a",
+                r.Tflop.ToString("F1", CultureInfo.InvariantCulture), r.FloorSeconds.ToString("F2", CultureInfo.InvariantCulture));
         AnsiConsole.Write(table);
         AnsiConsole.MarkupLine($"settings: {s.Size}×{s.Size} → ×4, {Markup.Escape(s.Sampler)} {s.Steps} steps, cfg {s.Cfg}, default negative prompt, {s.Runs} timed runs (median), {DateTime.UtcNow:yyyy-MM-dd}");
         if (s.Json != null)
@@ -144,49 +124,37 @@ public sealed class BenchPipelineCommand : Command<BenchPipelineSettings>
         return new RestorationPipeline(cleaner, cldm, Diffusion.NoiseSchedule.V2) { NotATrainedModel = true };
     }
 
-    /// <summary>Multiply-adds of every network during <paramref name="run"/>, per network (see <see cref="FlopCounter"/>).</summary>
-    static FlopReport CountFlops(RestorationPipeline pipe, Action run)
+    /// <summary>FLOPs of convolutions and linear layers during <paramref name="run"/> (2 per multiply-add).</summary>
+    static double CountFlops(RestorationPipeline pipe, Action run)
     {
-        var vae = pipe.Cldm.vae.named_children().ToDictionary(c => c.name, c => c.module);
-        using var counter = new FlopCounter(
-            ("stage 1", pipe.Cleaner.Network), ("CLIP", pipe.Cldm.clip),
-            ("VAE encoder", vae["encoder"]), ("VAE encoder", vae["quant_conv"]),
-            ("ControlNet", pipe.Cldm.controlnet), ("UNet", pipe.Cldm.unet),
-            ("VAE decoder", vae["post_quant_conv"]), ("VAE decoder", vae["decoder"]));
-        run();
-        return counter.Report();
-    }
-
-    /// <summary>
-    /// The machine's matmul throughput in FLOP/s with this libtorch: the best of 5 timed n×n products (after one
-    /// warm-up), 2n³ FLOP each — the practical ceiling the pipeline's FLOP/s is compared with.
-    /// </summary>
-    static double MatmulPeakFlops(Device device, ScalarType dtype, int n)
-    {
-        using var scope = torch.NewDisposeScope();
-        var gen = new Generator(7);
-        var a = torch.randn(new long[] { n, n }, generator: gen).to(dtype).to(device);
-        var b = torch.randn(new long[] { n, n }, generator: gen).to(dtype).to(device);
-        using (var _ = a.matmul(b)) Sync(device);
-        double best = double.MaxValue;
-        for (int i = 0; i < 5; i++)
-        {
-            var t0 = Stopwatch.StartNew();
-            using (var _ = a.matmul(b)) Sync(device);
-            best = Math.Min(best, t0.Elapsed.TotalSeconds);
-        }
-        return 2.0 * n * n * n / best;
-    }
-
-    /// <summary>The process's peak resident set (VmHWM of /proc/self/status) in GiB; null where there is no /proc.</summary>
-    static double? PeakRssGiB()
-    {
-        try
-        {
-            var line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmHWM:", StringComparison.Ordinal));
-            return line is null ? null : long.Parse(line.Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) / (1024.0 * 1024.0);
-        }
-        catch (IOException) { return null; }
+        double flops = 0;
+        var removers = new List<Action>();
+        foreach (var root in new nn.Module[] { pipe.Cldm, pipe.Cleaner.Network })
+            foreach (var (_, m) in root.named_modules())
+            {
+                if (m is Conv2d conv)
+                {
+                    var hc = conv.register_forward_hook((mod, input, output) =>
+                    {
+                        var w = conv.weight!.shape;   // [Cout, Cin/groups, kh, kw]
+                        flops += 2.0 * output.numel() * w[1] * w[2] * w[3];
+                        return output;
+                    });
+                    removers.Add(() => hc.remove());
+                }
+                else if (m is Linear lin)
+                {
+                    var hl = lin.register_forward_hook((mod, input, output) =>
+                    {
+                        flops += 2.0 * output.numel() * lin.weight!.shape[1];
+                        return output;
+                    });
+                    removers.Add(() => hl.remove());
+                }
+            }
+        try { run(); }
+        finally { foreach (var r in removers) r(); }
+        return flops;
     }
 
     /// <summary>Samples nvidia-smi's memory.used every 100 ms (whole GPU); null when not on CUDA or no nvidia-smi.</summary>

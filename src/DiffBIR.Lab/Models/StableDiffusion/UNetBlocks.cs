@@ -134,7 +134,7 @@ public sealed class TimestepEmbedSequential : nn.Module<Tensor, Tensor, Tensor, 
             {
                 ITimestepBlock tb => tb.forward(h, emb),
                 SpatialTransformer st => st.forward(h, context),
-                nn.Module<Tensor, Tensor> m => m.call(h),
+                nn.Module<Tensor, Tensor> m => m.forward(h),
                 _ => throw new InvalidOperationException($"unsupported layer {layer.GetType().Name}"),
             };
             if (!ReferenceEquals(h, x)) h.Dispose();
@@ -181,7 +181,7 @@ public sealed class ResBlock : nn.Module<Tensor, Tensor, Tensor>, ITimestepBlock
         // The timestep embedding is cast to the features' dtype (official `.type(h.dtype)`).
         var embOut = emb_layers.forward(emb).to_type(h.dtype).unsqueeze(-1).unsqueeze(-1);
         h = out_layers.forward(h + embOut);
-        return (skip_connection.call(x) + h).MoveToOuterDisposeScope();
+        return (skip_connection.forward(x) + h).MoveToOuterDisposeScope();
     }
 }
 
@@ -196,7 +196,7 @@ public sealed class Downsample : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x) => op.call(x);
+    public override Tensor forward(Tensor x) => op.forward(x);
 }
 
 /// <summary>Official <c>Upsample</c> with conv_resample=True: nearest ×2, then a 3×3 conv.</summary>
@@ -213,7 +213,7 @@ public sealed class Upsample : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var up = nn.functional.interpolate(x, scale_factor: new[] { 2.0, 2.0 }, mode: InterpolationMode.Nearest);
-        return conv.call(up);
+        return conv.forward(up);
     }
 }
 
@@ -249,9 +249,9 @@ public sealed class CrossAttention : nn.Module<Tensor, Tensor?, Tensor>
     {
         using var scope = torch.NewDisposeScope();
         var c = context ?? x;
-        var q = SplitHeads(to_q.call(x));
-        var k = SplitHeads(to_k.call(c));
-        var v = SplitHeads(to_v.call(c));
+        var q = SplitHeads(to_q.forward(x));
+        var k = SplitHeads(to_k.forward(c));
+        var v = SplitHeads(to_v.forward(c));
         Tensor o;
         if (Mode == AttentionMode.Vanilla)
         {
@@ -292,7 +292,7 @@ public sealed class GEGLU : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        var parts = proj.call(x).chunk(2, -1);
+        var parts = proj.forward(x).chunk(2, -1);
         return (parts[0] * nn.functional.gelu(parts[1])).MoveToOuterDisposeScope();
     }
 }
@@ -325,8 +325,6 @@ public sealed class BasicTransformerBlock : nn.Module<Tensor, Tensor?, Tensor>
     public LayerNorm norm2;
     public LayerNorm norm3;
     readonly bool _disableSelfAttn;
-    /// <summary>attn1 attends to the context instead of itself (official disable_self_attn).</summary>
-    internal bool DisableSelfAttention => _disableSelfAttn;
 
     public BasicTransformerBlock(long dim, int heads, int dimHead, long? contextDim, bool disableSelfAttn = false, double dropout = 0)
         : base(nameof(BasicTransformerBlock))
@@ -344,8 +342,8 @@ public sealed class BasicTransformerBlock : nn.Module<Tensor, Tensor?, Tensor>
     public override Tensor forward(Tensor x, Tensor? context)
     {
         using var scope = torch.NewDisposeScope();
-        x = attn1.call(norm1.forward(x), _disableSelfAttn ? context : null) + x;
-        x = attn2.call(norm2.forward(x), context) + x;
+        x = attn1.forward(norm1.forward(x), _disableSelfAttn ? context : null) + x;
+        x = attn2.forward(norm2.forward(x), context) + x;
         x = ff.forward(norm3.forward(x)) + x;
         return x.MoveToOuterDisposeScope();
     }
@@ -383,13 +381,13 @@ public sealed class SpatialTransformer : nn.Module<Tensor, Tensor?, Tensor>
         using var scope = torch.NewDisposeScope();
         long b = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
         var t = norm.forward(x);
-        if (!_useLinear) t = proj_in.call(t);
+        if (!_useLinear) t = proj_in.forward(t);
         t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1).contiguous();     // b c h w -> b (h w) c
-        if (_useLinear) t = proj_in.call(t);
+        if (_useLinear) t = proj_in.forward(t);
         foreach (var block in transformer_blocks) t = block.forward(t, context);
-        if (_useLinear) t = proj_out.call(t);
+        if (_useLinear) t = proj_out.forward(t);
         t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous();      // b (h w) c -> b c h w
-        if (!_useLinear) t = proj_out.call(t);
+        if (!_useLinear) t = proj_out.forward(t);
         return (t + x).MoveToOuterDisposeScope();
     }
 }

@@ -91,9 +91,9 @@ public sealed class ResnetBlock : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        var h = conv1.call(VaeOps.Swish(norm1.forward(x)));
-        h = conv2.call(VaeOps.Swish(norm2.forward(h)));
-        var skip = nin_shortcut is null ? x : nin_shortcut.call(x);
+        var h = conv1.forward(VaeOps.Swish(norm1.forward(x)));
+        h = conv2.forward(VaeOps.Swish(norm2.forward(h)));
+        var skip = nin_shortcut is null ? x : nin_shortcut.forward(x);
         return (skip + h).MoveToOuterDisposeScope();
     }
 }
@@ -126,9 +126,9 @@ public sealed class AttnBlock : nn.Module<Tensor, Tensor>
         long b = x.shape[0], c = x.shape[1], hh = x.shape[2], ww = x.shape[3];
         // b c h w -> b 1 (h w) c : one head whose width is the channel count.
         Tensor Tokens(Tensor t) => t.reshape(b, 1, c, hh * ww).transpose(2, 3);
-        var o = nn.functional.scaled_dot_product_attention(Tokens(q.call(h)), Tokens(k.call(h)), Tokens(v.call(h)));
+        var o = nn.functional.scaled_dot_product_attention(Tokens(q.forward(h)), Tokens(k.forward(h)), Tokens(v.forward(h)));
         o = o.transpose(2, 3).reshape(b, c, hh, ww);
-        return (x + proj_out.call(o)).MoveToOuterDisposeScope();
+        return (x + proj_out.forward(o)).MoveToOuterDisposeScope();
     }
 }
 
@@ -146,7 +146,7 @@ public sealed class Downsample : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var padded = nn.functional.pad(x, new long[] { 0, 1, 0, 1 }, PaddingModes.Constant, 0);
-        return conv.call(padded);
+        return conv.forward(padded);
     }
 }
 
@@ -164,7 +164,7 @@ public sealed class Upsample : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var up = nn.functional.interpolate(x, scale_factor: new[] { 2.0, 2.0 }, mode: InterpolationMode.Nearest);
-        return conv.call(up);
+        return conv.forward(up);
     }
 }
 
@@ -192,7 +192,7 @@ public sealed class VaeLevel : nn.Module
         for (int i = 0; i < block.Count; i++)
         {
             var next = block[i].forward(h);
-            if (attn.Count > 0) { var a = attn[i].call(next); next.Dispose(); next = a; }
+            if (attn.Count > 0) { var a = attn[i].forward(next); next.Dispose(); next = a; }
             h = next;
         }
         return h;
@@ -217,7 +217,7 @@ public sealed class VaeMiddle : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        return block_2.forward(attn_1.call(block_1.forward(x))).MoveToOuterDisposeScope();
+        return block_2.forward(attn_1.forward(block_1.forward(x))).MoveToOuterDisposeScope();
     }
 }
 
@@ -261,14 +261,14 @@ public sealed class VaeEncoder : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        var h = conv_in.call(x);
+        var h = conv_in.forward(x);
         foreach (var level in down)
         {
             h = level.Blocks(h);
             if (level.downsample is not null) h = level.downsample.forward(h);
         }
         h = mid.forward(h);
-        return conv_out.call(VaeOps.Swish(norm_out.forward(h))).MoveToOuterDisposeScope();
+        return conv_out.forward(VaeOps.Swish(norm_out.forward(h))).MoveToOuterDisposeScope();
     }
 }
 
@@ -314,13 +314,13 @@ public sealed class VaeDecoder : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor z)
     {
         using var scope = torch.NewDisposeScope();
-        var h = mid.forward(conv_in.call(z));
+        var h = mid.forward(conv_in.forward(z));
         for (int level = up.Count - 1; level >= 0; level--)
         {
             h = up[level].Blocks(h);
             if (up[level].upsample is not null) h = up[level].upsample!.forward(h);
         }
-        return conv_out.call(VaeOps.Swish(norm_out.forward(h))).MoveToOuterDisposeScope();
+        return conv_out.forward(VaeOps.Swish(norm_out.forward(h))).MoveToOuterDisposeScope();
     }
 }
 
@@ -387,21 +387,21 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
     public DiagonalGaussianDistribution Encode(Tensor x)
     {
         Tensor moments;
-        using (torch.NewDisposeScope()) moments = quant_conv.call(encoder.forward(x)).MoveToOuterDisposeScope();
+        using (torch.NewDisposeScope()) moments = quant_conv.forward(encoder.forward(x)).MoveToOuterDisposeScope();
         using (moments) return new DiagonalGaussianDistribution(moments);
     }
 
     /// <summary>The 1×1 conv from encoder features to moments (used by the tiled encoder).</summary>
-    internal Tensor quant_conv_forward(Tensor h) => quant_conv.call(h);
+    internal Tensor quant_conv_forward(Tensor h) => quant_conv.forward(h);
 
     /// <summary>The 1×1 conv from latent to decoder input (used by the tiled decoder).</summary>
-    internal Tensor post_quant_conv_forward(Tensor z) => post_quant_conv.call(z);
+    internal Tensor post_quant_conv_forward(Tensor z) => post_quant_conv.forward(z);
 
     /// <summary>Image from an UNSCALED latent (official <c>decode</c>).</summary>
     public Tensor Decode(Tensor z)
     {
         using var scope = torch.NewDisposeScope();
-        return decoder.forward(post_quant_conv.call(z)).MoveToOuterDisposeScope();
+        return decoder.forward(post_quant_conv.forward(z)).MoveToOuterDisposeScope();
     }
 
     /// <summary>
