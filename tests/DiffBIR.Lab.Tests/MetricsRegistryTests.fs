@@ -28,7 +28,7 @@ let private throwsWith<'e when 'e :> exn> (fragment: string) (f: unit -> obj) =
 
 [<Fact>]
 let ``the registry knows pyiqa's names, FR or NR, and which direction is better`` () =
-    Metric.Names |> List.ofSeq |> should equal [ "psnr"; "ssim"; "lpips"; "lpips-vgg"; "musiq"; "musiq-ava"; "clipiqa"; "clipiqa+"; "maniqa" ]
+    Metric.Names |> List.ofSeq |> should equal [ "psnr"; "ssim"; "lpips"; "lpips-vgg"; "musiq"; "musiq-ava"; "clipiqa"; "clipiqa+"; "maniqa"; "niqe-lab" ]
     for fr in [ "psnr"; "ssim"; "lpips"; "lpips-vgg" ] do
         (Metric.Describe fr).Kind |> should equal MetricKind.FullReference
     for nr in [ "musiq"; "musiq-ava"; "clipiqa"; "clipiqa+"; "maniqa" ] do

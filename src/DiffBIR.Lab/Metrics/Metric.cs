@@ -3,6 +3,7 @@ using DiffBIR.Lab.Metrics.ClipIqa;
 using DiffBIR.Lab.Metrics.Lpips;
 using DiffBIR.Lab.Metrics.Maniqa;
 using DiffBIR.Lab.Metrics.Musiq;
+using DiffBIR.Lab.Metrics.Niqe;
 using DiffBIR.Lab.Models.Clip;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -121,7 +122,16 @@ public abstract class Metric : IDisposable
             "~0 … ~1",
             new[] { new MetricWeight("maniqa_koniq", "ckpt_koniq10k.pt") },
             "pyiqa 'maniqa' (MANIQA trained on KonIQ-10k, ViT-B/8 backbone)"),
+        new(NiqeLabName, MetricKind.NoReference, false,
+            "RGB in [0, 1] (uint8 → /255) or grey, each side ≥ 32 px (one block); read as grey levels round(255·Y), Y of YIQ",
+            "0 … ~100 (0: the statistics of the pristine set)", Array.Empty<MetricWeight>(),
+            "NIQE (Mittal et al. 2013, as its MATLAB release and pyiqa 'niqe' compute it) with the pristine model fitted by DiffBIR.Lab on "
+            + "its own procedural HQ images (32-px blocks; weights/" + NiqeLab.ModelFile + ", committed): needs no download. "
+            + "NOT pyiqa 'niqe', whose model was fitted on 125 photographs with 96-px blocks: the numbers are not comparable"),
     };
+
+    /// <summary>The weight-free NIQE of the lab: pristine model fitted on the project's own HQ images.</summary>
+    public const string NiqeLabName = "niqe-lab";
 
     /// <summary>Every metric name, in pyiqa's spelling.</summary>
     public static IReadOnlyList<string> Names { get; } = All.Select(i => i.Name).ToArray();
@@ -137,6 +147,10 @@ public abstract class Metric : IDisposable
     public static MetricAvailability Availability(string name, string weightsDir = "weights")
     {
         var info = Describe(name);
+        if (info.Name == NiqeLabName)
+            return NiqeLab.FindModel(weightsDir) is null
+                ? new(false, $"unavailable: {Path.Combine(weightsDir, NiqeLab.ModelFile)} missing (it is committed with the repository; regenerate it with `diffbir-lab metrics fit-niqe`)")
+                : new(true, "");
         var problems = new List<string>();
         foreach (var w in info.Weights)
         {
@@ -167,7 +181,8 @@ public abstract class Metric : IDisposable
             var (ok, reason) = Availability(info.Name, weightsDir);
             if (!ok)
                 throw new MetricUnavailableException(info.Name, reason,
-                    info.Weights.Select(w => Path.Combine(weightsDir, w.LoadedFile)).First(f => !File.Exists(f)));
+                    info.Name == NiqeLabName ? Path.Combine(weightsDir, NiqeLab.ModelFile)
+                    : info.Weights.Select(w => Path.Combine(weightsDir, w.LoadedFile)).First(f => !File.Exists(f)));
         }
         string W(int i) => Path.Combine(weightsDir, info.Weights[i].LoadedFile);
         bool rnd = randomWeightsForTests;
@@ -182,6 +197,8 @@ public abstract class Metric : IDisposable
             "clipiqa" => new ClipIqaAdapter(info, ClipIqaConfig.ClipIqa, rnd ? null : (W(0), W(1), null), weightsDir, seed),
             "clipiqa+" => new ClipIqaAdapter(info, ClipIqaConfig.ClipIqaPlus, rnd ? null : (W(0), W(1), W(2)), weightsDir, seed),
             "maniqa" => new ManiqaAdapter(info, ManiqaConfig.Koniq, rnd ? null : W(0), seed),
+            NiqeLabName => new NiqeMetric(info, NiqeModel.Load(NiqeLab.FindModel(weightsDir)
+                ?? throw new MetricUnavailableException(info.Name, "unavailable: the model file is missing", Path.Combine(weightsDir, NiqeLab.ModelFile)))),
             _ => throw new ArgumentException($"unknown metric '{name}'"),
         };
     }
@@ -232,6 +249,18 @@ public abstract class Metric : IDisposable
         readonly Func<Tensor, Tensor?, Tensor> f;
         public FunctionMetric(MetricInfo info, Func<Tensor, Tensor?, Tensor> f) : base(info, false) => this.f = f;
         protected override Tensor Compute(Tensor x, Tensor? reference) => f(x, reference);
+    }
+
+    sealed class NiqeMetric : Metric
+    {
+        readonly NiqeModel model;
+        public NiqeMetric(MetricInfo info, NiqeModel model) : base(info, false) => this.model = model;
+        protected override Tensor Compute(Tensor x, Tensor? reference)
+        {
+            var scores = new double[x.shape[0]];
+            for (int i = 0; i < scores.Length; i++) scores[i] = Niqe.Niqe.Score(Niqe.Niqe.GreyLevels(x[i]), model);
+            return torch.tensor(scores, ScalarType.Float64);
+        }
     }
 
     /// <summary>A learned metric: one network, built with official or seeded random weights.</summary>
