@@ -22,6 +22,14 @@ let ``notebook runs headlessly from first cell to last`` (name: string) =
     Assert.True(result.Succeeded, sprintf "%s failed at cell %A: %s" name result.FailedCell result.Error)
     result.CellsRun |> should equal result.CodeCells
     File.Exists(dir.File name) |> should be True
+    // Opened offline (a shared notebook, a cluster without internet), every output must still display: no script is
+    // loaded from a URL (charts carry plotly.js), and no F# list renders as a Head / Tail property tree.
+    let executed = File.ReadAllText(dir.File name)
+    let decoded = System.Net.WebUtility.HtmlDecode(System.Net.WebUtility.HtmlDecode(System.Text.RegularExpressions.Regex.Unescape executed))
+    let external = System.Text.RegularExpressions.Regex.Matches(decoded, @"<script[^>]*\bsrc\s*=\s*[""']?(https?:)?//[^""' >]+|require\.config\([^)]*https?://")
+    Assert.True(external.Count = 0, sprintf "%s loads scripts from the network: %s" name (external |> Seq.map (fun m -> m.Value) |> Seq.truncate 3 |> String.concat ", "))
+    executed |> should not' (haveSubstring "HeadOrDefault")
+    executed |> should not' (haveSubstring "TailOrNull")
 
 [<Theory>]
 [<MemberData(nameof notebooks)>]
