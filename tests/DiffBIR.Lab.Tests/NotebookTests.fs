@@ -2,6 +2,7 @@
 /// stop at (and name) a failing cell.
 module DiffBIR.Lab.Tests.NotebookTests
 
+open System
 open System.IO
 open System.Text.Json.Nodes
 open Xunit
@@ -65,3 +66,44 @@ let ``a failing cell is reported with its number and error, and later cells do n
     let executed = File.ReadAllText(dir.File "executed.ipynb")
     executed |> should haveSubstring "x = 42"
     executed |> should haveSubstring "deliberate failure"
+
+let private runLab (args: string list) =
+    let psi = System.Diagnostics.ProcessStartInfo("bash", RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false, WorkingDirectory = repoRoot)
+    psi.ArgumentList.Add(Path.Combine(repoRoot, "lab"))
+    for a in args do psi.ArgumentList.Add a
+    use p = System.Diagnostics.Process.Start psi
+    let out, err = p.StandardOutput.ReadToEndAsync(), p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    p.ExitCode, out.Result + err.Result
+
+[<Fact>]
+let ``./lab jupyter-kernel writes an F# kernel spec bound to local interfaces`` () =
+    use dir = new TempDir()
+    let code, out = runLab [ "jupyter-kernel"; "--prefix"; dir.Path ]
+    Assert.True((code = 0), out)
+    let specPath = Path.Combine(dir.Path, "share", "jupyter", "kernels", "diffbir-lab-fsharp", "kernel.json")
+    let spec = JsonNode.Parse(File.ReadAllText specPath)
+    let argv = spec.["argv"].AsArray() |> Seq.map (fun n -> n.GetValue<string>()) |> List.ofSeq
+    argv |> should contain "--http-local-only"
+    argv |> should contain "{connection_file}"
+    argv |> should contain "fsharp"
+    File.Exists argv.[1] |> should be True
+    let code, out = runLab [ "jupyter-kernel"; "--bogus" ]
+    code |> should equal 2
+    out |> should haveSubstring "--bogus"
+
+[<Fact>]
+let ``the set-up notebook runs under jupyter nbconvert with the lab's kernel (where Jupyter is installed)`` () =
+    use dir = new TempDir()
+    // With Jupyter on the PATH, execute the set-up notebook through the kernel as a user would.
+    let jupyter = (Environment.GetEnvironmentVariable "PATH").Split(':') |> Array.exists (fun d -> File.Exists(Path.Combine(d, "jupyter")))
+    if not jupyter then Assert.Skip "jupyter is not installed on this machine"
+    let code, out = runLab [ "jupyter-kernel"; "--prefix"; dir.Path ]
+    Assert.True((code = 0), out)
+    let psi = System.Diagnostics.ProcessStartInfo("jupyter", UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = Path.Combine(repoRoot, "notebooks"))
+    for a in [ "nbconvert"; "--to"; "notebook"; "--execute"; "--ExecutePreprocessor.kernel_name=diffbir-lab-fsharp"; "--ExecutePreprocessor.timeout=600"; "--output-dir"; dir.Path; "00-setup.ipynb" ] do psi.ArgumentList.Add a
+    psi.Environment.["JUPYTER_PATH"] <- Path.Combine(dir.Path, "share", "jupyter")
+    use p = System.Diagnostics.Process.Start psi
+    let err = p.StandardError.ReadToEndAsync()
+    p.WaitForExit()
+    Assert.True((p.ExitCode = 0), err.Result)
