@@ -46,6 +46,8 @@ public sealed class TrainSettings : CommandSettings
     public string? Weights { get; set; }
     [CommandOption("--tiny")] [Description("Fixture-sized networks with seeded random init (tiny preset's): runs on the CPU in seconds; not a real model.")]
     public bool Tiny { get; set; }
+    [CommandOption("--random-init")] [Description("Full-size networks with seeded random weights instead of --sd / --stage1: for timing a step (scripts/gpu/train_stage2_step.sh); not a model.")]
+    public bool RandomInit { get; set; }
     [CommandOption("--noise-aug <T>")] public int? NoiseAug { get; set; }
     [CommandOption("--p-empty <P>")] [Description("stage 2: probability of an empty prompt (official v2 0.5, v2.1 0.2).")]
     public double? PEmpty { get; set; }
@@ -75,6 +77,7 @@ public sealed class TrainSettings : CommandSettings
         Set("val_every", ValEvery); Set("sample_every", SampleEvery); Set("sample_steps", SampleSteps); Set("queue", Queue);
         Set("threads", Threads); Set("device", Device);
         if (Tiny) o["tiny"] = true;
+        if (RandomInit) o["random_init"] = true;
         return o;
     }
 }
@@ -146,7 +149,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         try
         {
             AnsiConsole.MarkupLine(Markup.Escape(string.Create(CultureInfo.InvariantCulture,
-                $"train {stage}{(o.Stage == "stage2" ? $" ({o.Variant}, {o.Schedule})" : "")}{(o.Tiny ? " [tiny: random fixture-sized networks, not a real model]" : "")}: {o.Steps} steps, batch {o.BatchSize}×{o.GradAccum}, lr {o.LearningRate:G3}, wd {o.WeightDecay:G3}, out_size {o.OutSize}, seed {o.Seed} → {runDir}")));
+                $"train {stage}{(o.Stage == "stage2" ? $" ({o.Variant}, {o.Schedule})" : "")}{(o.Tiny ? " [tiny: random fixture-sized networks, not a real model]" : o.RandomInit ? " [random full-size networks: timing only]" : "")}: {o.Steps} steps, batch {o.BatchSize}×{o.GradAccum}, lr {o.LearningRate:G3}, wd {o.WeightDecay:G3}, out_size {o.OutSize}, seed {o.Seed} → {runDir}")));
             using var trainer = Trainers.Create(o);
             var run = new TrainRun(o, runDir);
             var result = run.Run(trainer, resume, cts.Token);

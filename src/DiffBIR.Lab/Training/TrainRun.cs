@@ -29,6 +29,8 @@ public sealed record TrainOptions
     [JsonPropertyName("seed")] public long Seed { get; init; } = 231;
     [JsonPropertyName("out_size")] public int OutSize { get; init; } = 512;
     [JsonPropertyName("tiny")] public bool Tiny { get; init; }
+    /// <summary>Full-size networks with seeded random weights instead of --sd / --stage1 (timing runs; not a model).</summary>
+    [JsonPropertyName("random_init")] public bool RandomInit { get; init; }
     /// <summary>Stage 2: irc (IRControlNet), v5 (concat features) or v6 (SFT).</summary>
     [JsonPropertyName("variant")] public string Variant { get; init; } = "irc";
     /// <summary>Stage 2: v2 (ε, linear) or v2.1 (v-prediction, zero terminal SNR).</summary>
@@ -124,7 +126,7 @@ public sealed record TrainOptions
         Require(Threads is null or (>= 1 and <= 1024), $"--threads: must be in 1..1024 (got {Threads})");
         Require(Device is "cpu" or "cuda", $"--device: must be cpu or cuda (got '{Device}')");
         Require(Stage == "stage2" || Variant == "irc", "--variant: only for stage2");
-        if (Stage == "stage2" && !Tiny)
+        if (Stage == "stage2" && !Tiny && !RandomInit)
         {
             Require(Sd != null, "--sd: stage 2 at full size starts from a Stable Diffusion 2.1 checkpoint (give its path)");
             Require(Stage1 != null, "--stage1: stage 2 at full size needs the stage-1 SwinIR checkpoint");
@@ -166,7 +168,9 @@ public interface ITrainer : IDisposable
 }
 
 /// <summary>One row of metrics.csv / metrics.jsonl.</summary>
-public sealed record MetricRow(long Step, double Loss, double LearningRate, double Seconds, double? ValPsnr = null, double? ValSsim = null);
+/// <param name="Seconds">wall time of the step (loader wait included)</param>
+/// <param name="DataSeconds">of which waiting for the loader</param>
+public sealed record MetricRow(long Step, double Loss, double LearningRate, double Seconds, double? ValPsnr = null, double? ValSsim = null, double DataSeconds = 0);
 
 /// <summary>How a run ended.</summary>
 public sealed record TrainResult(long Step, bool Interrupted, string? LastCheckpoint, IReadOnlyList<MetricRow> Metrics);
@@ -175,7 +179,7 @@ public sealed record TrainResult(long Step, bool Interrupted, string? LastCheckp
 /// The training loop and its run directory:
 /// <code>
 /// RUNDIR/config.json            every option + the manifest (RunInfo.Manifest)
-/// RUNDIR/metrics.csv|.jsonl     step, loss, lr, seconds (+ val_psnr, val_ssim at validation steps)
+/// RUNDIR/metrics.csv|.jsonl     step, loss, lr, seconds, data_seconds (+ val_psnr, val_ssim at validation steps)
 /// RUNDIR/checkpoints/step_N.safetensors        the trainable module's state dict (official keys) + metadata
 /// RUNDIR/checkpoints/step_N.optim.safetensors  AdamW exp_avg / exp_avg_sq per parameter, step counts in metadata
 /// RUNDIR/checkpoints/step_N.json               step, loader position (written last: a checkpoint without it is incomplete)
@@ -228,6 +232,8 @@ public sealed class TrainRun
         if (resume)
         {
             var latest = LatestCheckpoint(RunDir) ?? throw new ArgumentException($"--resume: {RunDir}: no complete checkpoint in {CheckpointDir}");
+            if (latest.Step >= o.Steps)
+                throw new ArgumentException($"--steps: the run in {RunDir} is already at step {latest.Step} (of {o.Steps}); give a larger --steps to continue it");
             (step, position) = LoadCheckpoint(trainer, latest.Path);
             lastCkpt = latest.Path;
             metrics.AddRange(ReadMetrics(Path.Combine(RunDir, "metrics.jsonl")).Where(r => r.Step <= step));
@@ -255,12 +261,12 @@ public sealed class TrainRun
             {
                 if (ct.IsCancellationRequested) { interrupted = true; break; }
                 var t0 = clock.Elapsed.TotalSeconds;
-                double loss;
-                try { loss = OneStep(trainer, loader, step, ct, ref sampleBatch); }
+                double loss, dataSeconds;
+                try { (loss, dataSeconds) = OneStep(trainer, loader, step, ct, ref sampleBatch); }
                 catch (OperationCanceledException) when (ct.IsCancellationRequested) { interrupted = true; break; }
                 step++;
                 position = loader.Position;
-                var row = new MetricRow(step, loss, lr, clock.Elapsed.TotalSeconds - t0);
+                var row = new MetricRow(step, loss, lr, clock.Elapsed.TotalSeconds - t0, DataSeconds: dataSeconds);
                 if (!double.IsFinite(loss))
                     throw new Pipeline.NonFiniteException($"the loss became {loss} at step {step}; lower --lr (checkpoints so far are kept)");
                 if (val != null && o.ValEvery > 0 && (step % o.ValEvery == 0 || step == o.Steps))
@@ -288,8 +294,9 @@ public sealed class TrainRun
         return new TrainResult(step, interrupted, lastCkpt, metrics);
     }
 
-    double OneStep(ITrainer trainer, TrainingLoader loader, long step, CancellationToken ct, ref TrainingBatch? sampleBatch)
+    (double Loss, double DataSeconds) OneStep(ITrainer trainer, TrainingLoader loader, long step, CancellationToken ct, ref TrainingBatch? sampleBatch)
     {
+        var wait = new System.Diagnostics.Stopwatch();
         using var scope = NewDisposeScope();
         var opt = trainer.Optimizer;
         opt.zero_grad();
@@ -297,7 +304,9 @@ public sealed class TrainRun
         int accum = Options.GradAccum;
         for (int micro = 0; micro < accum; micro++)
         {
+            wait.Start();
             using var batch = loader.Next(ct);
+            wait.Stop();
             using var draws = new SeededTrainingDraws((long)(TrainingSeeds.Derive(Options.Seed, TrainingSeeds.StepDraws, step, micro) >> 1));
             var loss = trainer.Loss(batch, draws);
             (accum == 1 ? loss : loss / accum).backward();
@@ -307,7 +316,7 @@ public sealed class TrainRun
                     new[] { batch.Prompts[0] }, new[] { batch.Files[0] }, batch.Start, batch.Start + 1);
         }
         opt.step();
-        return sum / accum;
+        return (sum / accum, wait.Elapsed.TotalSeconds);
     }
 
     void Progress(long step, long total, double loss, double lr, double seconds, long stepsThisRun)
@@ -363,12 +372,12 @@ public sealed class TrainRun
     void WriteMetrics(IReadOnlyList<MetricRow> rows)
     {
         static string N(double? x) => x is double v ? v.ToString("R", CultureInfo.InvariantCulture) : "";
-        var csv = new System.Text.StringBuilder("step,loss,lr,seconds,val_psnr,val_ssim\n");
+        var csv = new System.Text.StringBuilder("step,loss,lr,seconds,data_seconds,val_psnr,val_ssim\n");
         var jsonl = new System.Text.StringBuilder();
         foreach (var r in rows)
         {
-            csv.Append(CultureInfo.InvariantCulture, $"{r.Step},{N(r.Loss)},{N(r.LearningRate)},{r.Seconds.ToString("F4", CultureInfo.InvariantCulture)},{N(r.ValPsnr)},{N(r.ValSsim)}\n");
-            var o = new JsonObject { ["step"] = r.Step, ["loss"] = r.Loss, ["lr"] = r.LearningRate, ["seconds"] = Math.Round(r.Seconds, 4) };
+            csv.Append(CultureInfo.InvariantCulture, $"{r.Step},{N(r.Loss)},{N(r.LearningRate)},{r.Seconds.ToString("F4", CultureInfo.InvariantCulture)},{r.DataSeconds.ToString("F4", CultureInfo.InvariantCulture)},{N(r.ValPsnr)},{N(r.ValSsim)}\n");
+            var o = new JsonObject { ["step"] = r.Step, ["loss"] = r.Loss, ["lr"] = r.LearningRate, ["seconds"] = Math.Round(r.Seconds, 4), ["data_seconds"] = Math.Round(r.DataSeconds, 4) };
             if (r.ValPsnr is double p) o["val_psnr"] = p;
             if (r.ValSsim is double s) o["val_ssim"] = s;
             jsonl.Append(o.ToJsonString()).Append('\n');
@@ -387,7 +396,7 @@ public sealed class TrainRun
             if (line.Trim().Length == 0) continue;
             var n = JsonNode.Parse(line)!;
             rows.Add(new MetricRow((long)n["step"]!, (double)n["loss"]!, (double)n["lr"]!, (double)n["seconds"]!,
-                (double?)n["val_psnr"], (double?)n["val_ssim"]));
+                (double?)n["val_psnr"], (double?)n["val_ssim"], (double?)n["data_seconds"] ?? 0));
         }
         return rows;
     }

@@ -48,7 +48,12 @@ public static class Trainers
         _ => throw new ArgumentException($"unknown stage '{o.Stage}'"),
     };
 
-    internal static Device DeviceOf(TrainOptions o) => o.Device == "cuda" ? CUDA : CPU;
+    internal static Device DeviceOf(TrainOptions o)
+    {
+        if (o.Device != "cuda") return CPU;
+        if (!cuda.is_available()) throw new ArgumentException("--device cuda: CUDA is not available to libtorch here");
+        return CUDA;
+    }
 
     /// <summary>A SwinIR: tiny (seeded random, as Presets.RandomInit) or full (the constructor's init under a seeded global generator), or loaded strictly from a checkpoint.</summary>
     internal static SwinIR MakeSwinIR(TrainOptions o, string? checkpoint, long seedPart)
@@ -124,9 +129,9 @@ public sealed class Stage2Training : ITrainer
         _schedule = o.Schedule == "v2.1" ? NoiseSchedule.V2_1 : NoiseSchedule.V2;
         _noiseAug = o.NoiseAug;
         _sampleSteps = o.SampleSteps;
-        if (o.Tiny)
+        if (o.Tiny || o.RandomInit)
         {
-            _cldm = new ControlLDM(Trainers.TinyCldm(mode), ClipTokenizer.ByteLevel());
+            _cldm = new ControlLDM(o.Tiny ? Trainers.TinyCldm(mode) : ControlLdmConfig.Sd21 with { Mode = mode }, ClipTokenizer.ByteLevel());
             // Seeded random SD parts; the ControlNet then starts as the official load_controlnet_from_unet (zero convs 0).
             long s = (long)(TrainingSeeds.Derive(o.Seed, TrainingSeeds.Init, 2) >> 1);
             Presets.RandomInit(_cldm.unet, s);
@@ -158,7 +163,7 @@ public sealed class Stage2Training : ITrainer
             ["stage"] = "stage2",
             [TrainingCheckpoint.ControlModeKey] = Trainers.VariantName(mode),
             ["schedule"] = o.Schedule,
-            ["network"] = o.Tiny ? "controlnet-tiny" : "controlnet",
+            ["network"] = o.Tiny ? "controlnet-tiny" : o.RandomInit ? "controlnet (random SD: timing only)" : "controlnet",
         };
     }
 
