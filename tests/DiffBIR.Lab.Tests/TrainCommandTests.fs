@@ -240,3 +240,28 @@ let ``train: bad input exits 2 with one error line naming the option`` (case: st
     errors.[0] |> should haveSubstring expected
     out |> should not' (haveSubstring "   at ")
     Directory.Exists(dir.File "run") |> should be False
+
+[<Fact>]
+let ``custom preset: a Variant-6 ControlNet checkpoint builds a Variant-6 model, chosen from its metadata`` () =
+    use _threads = oneThread ()
+    use dir = new TempDir()
+    let data = makeData (dir.File "hq") 1 false
+    let o = tinyOptions "stage2" data "\"steps\": 1, \"batch_size\": 1, \"variant\": \"v6\""
+    use trainer = Trainers.Create o
+    let r = TrainRun(o, dir.File "run", Log = TextWriter.Null).Run(trainer, false, CancellationToken.None)
+    // the frozen parts as an SD checkpoint (official prefixes) and the stage-1 model as a cleaner checkpoint
+    let cldm = (trainer :?> Stage2Training).Cldm
+    let sd = Collections.Generic.Dictionary<string, torch.Tensor>()
+    for (m: torch.nn.Module), prefix in [ cldm.unet :> torch.nn.Module, "model.diffusion_model."; cldm.vae, "first_stage_model."; cldm.clip, "cond_stage_model." ] do
+        for kv in m.state_dict() do sd.[prefix + kv.Key] <- kv.Value
+    SafeTensors.Save(dir.File "sd.safetensors", sd)
+    use swin = new DiffBIR.Lab.Models.Stage1.SwinIR(Trainers.TinySwinIR)
+    TrainingCheckpoint.Save(swin, dir.File "swinir.safetensors", 0L)
+    let custom =
+        DiffBIR.Lab.Pipeline.CustomCheckpoints(dir.File "sd.safetensors", dir.File "swinir.safetensors", r.LastCheckpoint,
+                                               CleanerConfig = Trainers.TinySwinIR, CldmConfig = Trainers.TinyCldm ControlMode.Add)
+    use p = DiffBIR.Lab.Pipeline.Presets.Build("custom", "sr", fixturesDir, DiffBIR.Lab.Pipeline.BuildOptions(Custom = custom))
+    p.Pipeline.Cldm.controlnet.Mode |> should equal ControlMode.Sft
+    // the trained weights, γ convs included, are what was loaded
+    let loaded = p.Pipeline.Cldm.controlnet.state_dict()
+    for kv in trainer.Trainable.state_dict() do (kv.Value - loaded.[kv.Key]).abs().max().item<float32>() |> should equal 0.0f
