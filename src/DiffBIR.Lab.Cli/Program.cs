@@ -26,6 +26,12 @@ app.Configure(c =>
         w.AddCommand<WeightsListCommand>("list").WithDescription("The official checkpoints of weights/manifest.json, and which are present.");
         w.AddCommand<FitNiqeCommand>("fit-niqe").WithDescription("Fit the pristine model of the weight-free NIQE (metric niqe-lab) on a folder of HQ images.");
     });
+    c.AddBranch("train", t =>
+    {
+        t.SetDescription("Training (official recipes by default; --tiny for fixture-sized networks on the CPU).");
+        t.AddCommand<TrainCommand>("stage1").WithDescription("Train the stage-1 SwinIR on first-order (Eq. 2) pairs: summed MSE, AdamW.");
+        t.AddCommand<TrainCommand>("stage2").WithDescription("Train IRControlNet (or --variant v5 / v6) on a frozen SD 2.1 and stage-1 model: ε (v2) or v (v2.1) loss.");
+    });
     c.AddBranch("bench", b =>
     {
         b.SetDescription("Benchmarks (not tests).");

@@ -279,7 +279,9 @@ public static class Presets
         if (components.Values.All(x => x.Count == 0))
             throw new CheckpointException(c.SdPath, $"not a Stable Diffusion checkpoint: none of its {sd.Count} keys starts with " +
                 $"{string.Join(", ", SdCheckpointKeys.Prefixes.Select(p => p.SdPrefix))} (first keys: {string.Join(", ", unusedKeys.Take(3))})");
-        var cldm = new ControlLDM(c.CldmConfig ?? ControlLdmConfig.Sd21, Tokenizer(weightsDir, "custom"));
+        // A ControlNet trained as Variant 5 or 6 says so in its metadata (Training.TrainingCheckpoint.ControlModeKey).
+        var cldmConfig = (c.CldmConfig ?? ControlLdmConfig.Sd21) with { Mode = Training.TrainingCheckpoint.ControlModeOf(c.ControlNetPath) };
+        var cldm = new ControlLDM(cldmConfig, Tokenizer(weightsDir, "custom"));
         LoadSd(cldm, sd.Tensors, c.SdPath);
         using (var cn = Checkpoint.Load(c.ControlNetPath)) cldm.LoadControlNet(cn.Tensors, c.ControlNetPath);
         cldm.eval();

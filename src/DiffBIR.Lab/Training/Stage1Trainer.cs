@@ -35,18 +35,37 @@ public static class Stage1Trainer
         if (gtNhwc.dim() != 4 || gtNhwc.shape[3] != 3 || !gtNhwc.shape.SequenceEqual(lqNhwc.shape))
             throw new ArgumentException($"stage-1 batch: gt [{string.Join(",", gtNhwc.shape)}] and lq [{string.Join(",", lqNhwc.shape)}] must both be [B, H, W, 3]");
         using var scope = NewDisposeScope();
-        model.train();
-        model.SetDropPathDraws(draws);
-        var device = model.parameters().First().device;
-        var gt = ((gtNhwc.to(device) + 1) / 2).permute(0, 3, 1, 2).contiguous().to(ScalarType.Float32);
-        var lq = lqNhwc.to(device).permute(0, 3, 1, 2).contiguous().to(ScalarType.Float32);
-        var pred = model.forward(lq);
-        var loss = nn.functional.mse_loss(pred, gt, nn.Reduction.Sum);
+        var (loss, pred, gt) = Forward(model, gtNhwc, lqNhwc, draws);
         optimizer.zero_grad();
         loss.backward();
         optimizer.step();
-        model.SetDropPathDraws(null);
         return new Stage1StepResult(loss.detach().MoveToOuterDisposeScope(), pred.detach().MoveToOuterDisposeScope(),
             gt.detach().MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// The forward half of <see cref="Step"/>: the summed MSE with its graph (for a training loop that accumulates
+    /// gradients over micro-batches), in the caller's dispose scope.
+    /// </summary>
+    public static Tensor Loss(SwinIR model, Tensor gtNhwc, Tensor lqNhwc, ITrainingDraws? draws)
+    {
+        if (gtNhwc.dim() != 4 || gtNhwc.shape[3] != 3 || !gtNhwc.shape.SequenceEqual(lqNhwc.shape))
+            throw new ArgumentException($"stage-1 batch: gt [{string.Join(",", gtNhwc.shape)}] and lq [{string.Join(",", lqNhwc.shape)}] must both be [B, H, W, 3]");
+        return Forward(model, gtNhwc, lqNhwc, draws).Loss;
+    }
+
+    static (Tensor Loss, Tensor Pred, Tensor Gt) Forward(SwinIR model, Tensor gtNhwc, Tensor lqNhwc, ITrainingDraws? draws)
+    {
+        model.train();
+        model.SetDropPathDraws(draws);
+        try
+        {
+            var device = model.parameters().First().device;
+            var gt = ((gtNhwc.to(device) + 1) / 2).permute(0, 3, 1, 2).contiguous().to(ScalarType.Float32);
+            var lq = lqNhwc.to(device).permute(0, 3, 1, 2).contiguous().to(ScalarType.Float32);
+            var pred = model.forward(lq);
+            return (nn.functional.mse_loss(pred, gt, nn.Reduction.Sum), pred, gt);
+        }
+        finally { model.SetDropPathDraws(null); }
     }
 }

@@ -73,13 +73,33 @@ public static class Stage2Trainer
     public static Stage2StepResult Step(ControlLDM cldm, nn.Module<Tensor, Tensor> stage1, NoiseSchedule schedule, int noiseAugTimestep,
         Tensor gtNhwc, Tensor lqNhwc, IReadOnlyList<string> prompts, optim.Optimizer optimizer, ITrainingDraws draws)
     {
+        using var scope = NewDisposeScope();
+        var r = Forward(cldm, stage1, schedule, noiseAugTimestep, gtNhwc, lqNhwc, prompts, draws);
+        optimizer.zero_grad();
+        r.Loss.backward();
+        optimizer.step();
+        Tensor Out(Tensor x) => x.detach().MoveToOuterDisposeScope();
+        return new Stage2StepResult(Out(r.Loss), Out(r.Z0), Out(r.Clean), Out(r.CTxt), Out(r.CImg), Out(r.CImgAug), Out(r.T), Out(r.XNoisy),
+            Out(r.ModelOutput), Out(r.Target));
+    }
+
+    /// <summary>
+    /// The forward half of <see cref="Step"/>: the loss with its graph (for a loop that accumulates gradients over
+    /// micro-batches), in the caller's dispose scope; same draws in the same order.
+    /// </summary>
+    public static Tensor Loss(ControlLDM cldm, nn.Module<Tensor, Tensor> stage1, NoiseSchedule schedule, int noiseAugTimestep,
+        Tensor gtNhwc, Tensor lqNhwc, IReadOnlyList<string> prompts, ITrainingDraws draws) =>
+        Forward(cldm, stage1, schedule, noiseAugTimestep, gtNhwc, lqNhwc, prompts, draws).Loss;
+
+    static Stage2StepResult Forward(ControlLDM cldm, nn.Module<Tensor, Tensor> stage1, NoiseSchedule schedule, int noiseAugTimestep,
+        Tensor gtNhwc, Tensor lqNhwc, IReadOnlyList<string> prompts, ITrainingDraws draws)
+    {
         if (gtNhwc.dim() != 4 || gtNhwc.shape[3] != 3 || lqNhwc.dim() != 4 || lqNhwc.shape[3] != 3 || gtNhwc.shape[0] != lqNhwc.shape[0])
             throw new ArgumentException($"stage-2 batch: gt [{string.Join(",", gtNhwc.shape)}] and lq [{string.Join(",", lqNhwc.shape)}] must be [B, H, W, 3]");
         if (prompts.Count != gtNhwc.shape[0])
             throw new ArgumentException($"stage-2 batch: {prompts.Count} prompts for {gtNhwc.shape[0]} samples");
         if (noiseAugTimestep < 0 || noiseAugTimestep > schedule.Timesteps)
             throw new ArgumentException($"noise_aug_timestep {noiseAugTimestep} is not in [0, {schedule.Timesteps}]");
-        using var scope = NewDisposeScope();
         Prepare(cldm);
         stage1.eval();
         var device = cldm.controlnet.parameters().First().device;
@@ -114,12 +134,6 @@ public static class Stage2Trainer
         var output = cldm.Forward(xNoisy, t, new Conditioning(cTxt, cImgAug));
         var target = schedule.Parameterization == Parameterization.Eps ? noise : schedule.Velocity(z0, t, noise);
         var loss = nn.functional.mse_loss(target, output, nn.Reduction.None).mean();
-        optimizer.zero_grad();
-        loss.backward();
-        optimizer.step();
-
-        Tensor Out(Tensor x) => x.detach().MoveToOuterDisposeScope();
-        return new Stage2StepResult(Out(loss), Out(z0), Out(clean), Out(cTxt), Out(cImg), Out(cImgAug), Out(t), Out(xNoisy),
-            Out(output), Out(target));
+        return new Stage2StepResult(loss, z0, clean, cTxt, cImg, cImgAug, t, xNoisy, output, target);
     }
 }

@@ -1,4 +1,5 @@
 using DiffBIR.Lab.Checkpoints;
+using DiffBIR.Lab.Models.StableDiffusion;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -22,5 +23,25 @@ public static class TrainingCheckpoint
         };
         var sd = module.state_dict();
         SafeTensors.Save(path, sd, meta);
+    }
+
+    /// <summary>Metadata key of a stage-2 checkpoint's control mode: irc (IRControlNet), v5 (concat features), v6 (SFT).</summary>
+    public const string ControlModeKey = "control_mode";
+
+    /// <summary>
+    /// The control mode a ControlNet checkpoint was trained with (its <see cref="ControlModeKey"/> metadata); official
+    /// checkpoints and files without the key are IRControlNet. Reads only the safetensors header.
+    /// </summary>
+    public static ControlMode ControlModeOf(string path)
+    {
+        if (!SafeTensors.LooksLikeSafeTensors(path)) return ControlMode.Add;
+        var meta = SafeTensors.ReadHeader(path).Metadata;
+        return meta.TryGetValue(ControlModeKey, out var v) ? v switch
+        {
+            "irc" => ControlMode.Add,
+            "v5" => ControlMode.ConcatFeatures,
+            "v6" => ControlMode.Sft,
+            _ => throw new CheckpointException(path, $"unknown {ControlModeKey} '{v}' in the metadata (known: irc, v5, v6)"),
+        } : ControlMode.Add;
     }
 }
