@@ -26,10 +26,10 @@ public static class GradientMap
             throw new ArgumentException($"the gradient map needs an RGB image [N,3,H,W], got [{string.Join(",", image.shape)}] " +
                                         "(the official code fails the same way for 4-channel latents: use space 'rgb' for weighted MSE)");
         using var scope = torch.NewDisposeScope();
-        var k = torch.tensor(RgbToGray).view(1, 3, 1, 1).to(image.dtype);
+        var k = torch.tensor(RgbToGray, device: image.device).view(1, 3, 1, 1).to(image.dtype);
         var gray = torch.sum(image * k, 1, keepdim: true);
-        var gx = torch.tensor(new float[] { 1, 0, -1, 2, 0, -2, 1, 0, -1 }).view(1, 3, 3);
-        var gy = torch.tensor(new float[] { 1, 2, 1, 0, 0, 0, -1, -2, -1 }).view(1, 3, 3);
+        var gx = torch.tensor(new float[] { 1, 0, -1, 2, 0, -2, 1, 0, -1 }, device: image.device).view(1, 3, 3);
+        var gy = torch.tensor(new float[] { 1, 2, 1, 0, 0, 0, -1, -2, -1 }, device: image.device).view(1, 3, 3);
         var g = torch.stack(new[] { gx, gy }).to(image.dtype);           // [2,1,3,3]
         var padded = F.pad(gray, new long[] { 1, 1, 1, 1 }, PaddingModes.Replicate);
         var grad = F.conv2d(padded, g);

@@ -62,8 +62,8 @@ public sealed class DdimSampler : Sampler
         for (int i = 0; i < total; i++)
         {
             int step = timesteps[total - 1 - i];
-            var modelT = torch.full(new[] { bs }, step, ScalarType.Int64);
-            var t = torch.full(new[] { bs }, total - i - 1, ScalarType.Int64);
+            var modelT = torch.full(new[] { bs }, step, ScalarType.Int64, device: xT.device);
+            var t = torch.full(new[] { bs }, total - i - 1, ScalarType.Int64, device: xT.device);
             double cfg = CfgDenoiser.ScaleAt(Options.CfgScale, Options.RescaleCfg, step);
             Tensor Ex(Tensor b) => b.gather(-1, t).reshape(bs, 1, 1, 1);
             var xs = x;

@@ -48,7 +48,8 @@ public sealed class DpmSolverSampler : Sampler
         public Tensor TArray { get; }          // [1, K]
         public int TotalN { get; }
 
-        public ContinuousSchedule(Tensor betas)
+        /// <summary>Built on the CPU from float32 betas (as the official code on its device), then moved to <paramref name="device"/>.</summary>
+        public ContinuousSchedule(Tensor betas, Device? device = null)
         {
             var logAlphas = 0.5 * torch.log(1 - betas).cumsum(0);
             // numerical_clip_alpha(clipped_lambda = −5.1)
@@ -58,7 +59,12 @@ public sealed class DpmSolverSampler : Sampler
             if (idx > 0) logAlphas = logAlphas[TensorIndex.Slice(0, -idx)];
             LogAlphaArray = logAlphas.reshape(1, -1).to(ScalarType.Float32);
             TotalN = (int)LogAlphaArray.shape[1];
-            TArray = torch.linspace(0.0, 1.0, TotalN + 1)[TensorIndex.Slice(1)].reshape(1, -1).to(ScalarType.Float32);
+            TArray = torch.linspace(0.0, 1.0, TotalN + 1, device: betas.device)[TensorIndex.Slice(1)].reshape(1, -1).to(ScalarType.Float32);
+            if (device is not null && (device.type != betas.device_type || device.index != betas.device_index))
+            {
+                LogAlphaArray = LogAlphaArray.to(device);
+                TArray = TArray.to(device);
+            }
         }
 
         public Tensor MarginalLogMeanCoeff(Tensor t) => Interpolate(t.reshape(-1, 1), TArray, LogAlphaArray).reshape(-1);
@@ -80,7 +86,7 @@ public sealed class DpmSolverSampler : Sampler
             var (sortedAllX, xIndices) = torch.sort(allX, 2);
             var xIdx = torch.argmin(xIndices, 2);
             var candStart = xIdx - 1;
-            var one = torch.tensor(1L); var km2 = torch.tensor(k - 2); var zero = torch.tensor(0L);
+            var one = torch.tensor(1L, device: x.device); var km2 = torch.tensor(k - 2, device: x.device); var zero = torch.tensor(0L, device: x.device);
             var startIdx = torch.where(xIdx.eq(0), one, torch.where(xIdx.eq(k), km2, candStart));
             var endIdx = torch.where(startIdx.eq(candStart), startIdx + 2, startIdx + 1);
             var startX = torch.gather(sortedAllX, 2, startIdx.unsqueeze(2)).squeeze(2);
@@ -97,10 +103,10 @@ public sealed class DpmSolverSampler : Sampler
     {
         if (steps < SolverOrder) throw new ArgumentException($"DPM-Solver multistep needs steps ≥ order ({steps} < {SolverOrder})");
         var betas = F32(Schedule.Betas());
-        var ns = new ContinuousSchedule(betas);
+        var ns = new ContinuousSchedule(betas, xT.device);
         ctx.Persist(ns.LogAlphaArray); ctx.Persist(ns.TArray);
         double t0 = 1.0 / ns.TotalN, tT = 1.0;
-        var timesteps = ctx.Persist(torch.linspace(tT, t0, steps + 1));
+        var timesteps = ctx.Persist(torch.linspace(tT, t0, steps + 1, device: xT.device));
         var x = xT;
         long bs = xT.shape[0];
         var prevModels = new List<Tensor>();

@@ -31,7 +31,7 @@ public sealed class EdmDpm2 : EdmSampler
             }
             else
             {
-                var sigmaMid = sigmaHat.log().lerp(e.S(i + 1).log(), torch.tensor(0.5f)).exp();
+                var sigmaMid = sigmaHat.log().lerp(e.S(i + 1).log(), torch.tensor(0.5f, device: sigmaHat.device)).exp();
                 var dt1 = sigmaMid - sigmaHat;
                 var dt2 = e.S(i + 1) - sigmaHat;
                 // Guidance: the midpoint uses the model's own x̂₀ and the step's result is shifted with the

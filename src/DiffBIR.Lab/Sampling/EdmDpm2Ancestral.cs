@@ -30,7 +30,7 @@ public sealed class EdmDpm2Ancestral : EdmSampler
             }
             else
             {
-                var sigmaMid = e.S(i).log().lerp(down.log(), torch.tensor(0.5f)).exp();
+                var sigmaMid = e.S(i).log().lerp(down.log(), torch.tensor(0.5f, device: down.device)).exp();
                 var dt1 = sigmaMid - e.S(i);
                 var dt2 = down - e.S(i);
                 var shift = e.Ctx.GuidanceDelta;                         // as in EdmDpm2

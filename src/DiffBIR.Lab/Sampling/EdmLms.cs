@@ -40,7 +40,7 @@ public sealed class EdmLms : EdmSampler
     protected override IEnumerable<ModelRequest> Solve(Edm e, Tensor x)
     {
         int order = Options.Order;
-        var sig = e.Sigmas.data<float>().ToArray();
+        var sig = e.Sigmas.cpu().data<float>().ToArray();
         var ds = new List<Tensor>();
         for (int i = 0; i < e.N; i++)
         {

@@ -65,7 +65,7 @@ public abstract class EdmSampler : Sampler
             Ctx = ctx, Owner = this,
             Sigmas = ctx.Persist(F32(s)),
             Timesteps = ctx.Persist(torch.tensor(t, ScalarType.Int64)),
-            SIn = ctx.Persist(torch.ones(new[] { xT.shape[0] }, xT.dtype)),
+            SIn = ctx.Persist(torch.ones(new[] { xT.shape[0] }, xT.dtype, xT.device)),
         };
         var x = xT * torch.sqrt(1.0 + e.Sigmas[0].pow(2.0));
         return Solve(e, x);
@@ -118,7 +118,7 @@ public abstract class EdmSampler : Sampler
     /// σ_down = √(σ_to² − σ_up²).</summary>
     protected static (Tensor Down, Tensor Up) AncestralStep(Tensor from, Tensor to, double eta)
     {
-        if (eta == 0) return (to, torch.tensor(0f));
+        if (eta == 0) return (to, torch.zeros_like(to));
         var upCand = eta * (to.pow(2) * (from.pow(2) - to.pow(2)) / from.pow(2)).pow(0.5);
         // Python's min(a, b) returns a unless b < a
         var up = upCand.item<float>() < to.item<float>() ? upCand : to;

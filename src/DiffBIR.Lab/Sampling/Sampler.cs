@@ -92,8 +92,20 @@ public sealed class SamplerContext
     /// <summary>A standard normal like x (official <c>torch.randn_like</c>), from the run's noise source.</summary>
     public Tensor RandnLike(Tensor x) => Noise.Next(x);
 
-    /// <summary>Keeps a tensor alive for the whole run (schedule buffers).</summary>
-    public Tensor Persist(Tensor t) { t.DetachFromDisposeScope(); Persistent.Add(t); return t; }
+    /// <summary>The device of the run (that of x_T): schedule buffers and step tensors are made there.</summary>
+    public Device Device { get; internal set; } = torch.CPU;
+
+    /// <summary>Keeps a tensor alive for the whole run (schedule buffers), on the run's <see cref="Device"/>.</summary>
+    public Tensor Persist(Tensor t)
+    {
+        if (t.device_type != Device.type || t.device_index != Device.index)
+        {
+            var moved = t.to(Device);
+            if (!ReferenceEquals(moved, t)) t.Dispose();
+            t = moved;
+        }
+        t.DetachFromDisposeScope(); Persistent.Add(t); return t;
+    }
 
     /// <summary>Issues a request; <paramref name="keep"/> are the tensors the update rule still needs after it (every
     /// other tensor made during the step is freed by the step's dispose scope).</summary>
@@ -138,6 +150,7 @@ public sealed class SamplerRun : IDisposable
     internal SamplerRun(Sampler sampler, SamplerContext ctx, Tensor xT, int steps)
     {
         Sampler = sampler; Steps = steps; _ctx = ctx;
+        ctx.Device = xT.device;
         Tensor x0;
         using (var s = torch.NewDisposeScope()) x0 = ctx.Persist(xT.detach().clone());
         _it = sampler.Run(ctx, x0, steps).GetEnumerator();

@@ -76,8 +76,8 @@ public sealed class SpacedSampler : Sampler
         {
             int step = timesteps[steps - 1 - i];
             int index = steps - i - 1;
-            var modelT = torch.full(new[] { bs }, step, ScalarType.Int64);
-            var t = torch.full(new[] { bs }, index, ScalarType.Int64);
+            var modelT = torch.full(new[] { bs }, step, ScalarType.Int64, device: xT.device);
+            var t = torch.full(new[] { bs }, index, ScalarType.Int64, device: xT.device);
             double cfg = CfgDenoiser.ScaleAt(Options.CfgScale, Options.RescaleCfg, step);
             var xs = x;
             Tensor Ex(Tensor a) => a.gather(-1, t).reshape(bs, 1, 1, 1);

@@ -184,7 +184,7 @@ public sealed class ControlNet : nn.Module<Tensor, Tensor, Tensor, Tensor, Contr
         {
             if (!unetSd.TryGetValue(key, out var target)) { scratch.Add(key); continue; }
             if (mine.shape.SequenceEqual(target.shape)) { mine.copy_(target); continue; }
-            using var zeros = torch.zeros(mine.shape[0], mine.shape[1] - target.shape[1], mine.shape[2], mine.shape[3], dtype: target.dtype);
+            using var zeros = torch.zeros(mine.shape[0], mine.shape[1] - target.shape[1], mine.shape[2], mine.shape[3], dtype: target.dtype, device: target.device);
             using var padded = torch.cat(new[] { target, zeros }, 1);
             mine.copy_(padded);
             newZero.Add(key);
