@@ -312,3 +312,31 @@ let ``the sweep CLI refuses a bad spec with exit 2 and one error line`` () =
     errors |> should equal [| sprintf "error: %s: grid.g_scale[1]: expected a number (got true)" specFile |]
     output |> should not' (haveSubstring "   at ")
     Directory.Exists(dir.File "out") |> should be False
+
+[<Fact>]
+let ``points that differ only in their seed run batched and equal their one-at-a-time runs within one level`` () =
+    use dir = new TempDir()
+    writeInputs dir.Path
+    let spec = SweepSpec.Parse(specJson "\"seed\": [1, 2, 3]" "\"steps\": 1, \"guidance\": \"mse\", \"g_scale\": 0.2", "s.json", dir.Path)
+    use preset = Presets.Build("tiny", "sr", fixturesDir)
+    let single = SweepRunner.Run(preset, spec, dir.File "single")
+    let batched = SweepRunner.Run(preset, spec, dir.File "batched", SweepRunOptions(BatchSize = 3))
+    batched.Done |> should equal 3
+    let a = readRows (dir.File "single")
+    let b = readRows (dir.File "batched")
+    ids b |> should equal (ids a)
+    let imageOf folder (r: JsonObject) =
+        use img = ImageIO.Load(Path.Combine(dir.File folder, string r.["output"]))
+        ImageIO.ToUInt8(img.Image, Quantization.Round).to_type(torch.ScalarType.Int32)
+    for (ra, rb) in Seq.zip a b do
+        use ia = imageOf "single" ra
+        use ib = imageOf "batched" rb
+        (ia - ib).abs().max().item<int>() |> should be (lessThanOrEqualTo 1)
+        int rb.["guided_steps"] |> should equal 1
+        rb.["guidance_loss_last"] |> should be Null
+        let manifest = JsonNode.Parse(File.ReadAllText(Path.ChangeExtension(Path.Combine(dir.File "batched", string rb.["output"]), ".json")))
+        int manifest.["batch"] |> should equal 3
+    // the seeds really differ inside the batch
+    use i0 = imageOf "batched" b.[0]
+    use i1 = imageOf "batched" b.[1]
+    (i0 - i1).abs().max().item<int>() |> should be (greaterThan 1)

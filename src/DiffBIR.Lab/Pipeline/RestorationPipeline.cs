@@ -164,6 +164,20 @@ public sealed class ConditionedInput : IDisposable
     bool _disposed;
     public bool IsDisposed => _disposed;
 
+    /// <summary>
+    /// The same condition for a batch of <paramref name="n"/> sampling runs (each row a copy of this batch-1
+    /// condition), e.g. several seeds in one pass through UNet and ControlNet: sample it with a
+    /// <see cref="BatchNoise"/> of the seeds. The copy is a new value: dispose it too.
+    /// </summary>
+    public ConditionedInput Repeat(int n)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (BatchSize != 1) throw new InvalidOperationException($"Repeat needs a condition of one image (this one has {BatchSize})");
+        if (n < 1) throw new ArgumentOutOfRangeException(nameof(n), $"a batch needs at least one run (got {n})");
+        static Tensor R(Tensor t, int n) => t.repeat(t.shape.Select((_, i) => i == 0 ? (long)n : 1L).ToArray());
+        return new ConditionedInput(R(Stage1, n), R(Padded, n), R(CImage, n), R(CText, n), R(UcText, n), InputSize, OutputSize, Options, Notes);
+    }
+
     public void Dispose()
     {
         if (_disposed) return;

@@ -16,8 +16,9 @@ public sealed class ResultsTable : IDisposable
     public const string CsvName = "results.csv";
     const string LockName = ".sweep.lock";
 
-    /// <summary>Columns that may differ between two runs of the same point (timing and where the files went).</summary>
-    public static readonly IReadOnlySet<string> Incidental = new HashSet<string>(StringComparer.Ordinal) { "index", "seconds", "output", "manifest_sha256" };
+    /// <summary>Columns that may differ between two runs of the same point: timing, where the files are (the point id
+    /// already holds the input's bytes), and the manifest hash (it records paths, threads and library versions).</summary>
+    public static readonly IReadOnlySet<string> Incidental = new HashSet<string>(StringComparer.Ordinal) { "index", "input", "hq", "seconds", "output", "manifest_sha256" };
 
     public string Folder { get; }
     public IReadOnlyList<string> Columns { get; }

@@ -22,6 +22,10 @@ public sealed record SweepRunOptions
     public CancellationToken Cancellation { get; init; }
     /// <summary>The device name written into manifests.</summary>
     public string Device { get; init; } = "cpu";
+    /// <summary>Consecutive points that differ only in their seed run as one batch of up to this many through UNet and
+    /// ControlNet (1: one at a time). Batched results equal one-at-a-time ones up to the networks' batch arithmetic
+    /// (float rounding); their rows leave guidance_loss_last empty (the loss is one sum over the batch).</summary>
+    public int BatchSize { get; init; } = 1;
 }
 
 /// <summary>Where a sweep stands: points of this shard done (this run), skipped (done before), failed, total; the last row.</summary>
@@ -133,17 +137,21 @@ public static class SweepRunner
                     if (cancelled) break;
                     using var condition = preset.Condition(lq, byCondition.First().Options);
                     using var irm = IrmAtOutputSize(condition);
-                    foreach (var point in byCondition)
+                    foreach (var batch in Batches(byCondition, ro.BatchSize))
                     {
                         if (ro.Cancellation.IsCancellationRequested) { cancelled = true; break; }
-                        var row = RunPoint(preset, spec, outDir, ro, run, point, condition, hq, irm, metrics, columns, stems[point.InputIndex], checkpoints, ref cancelled);
-                        if (row is null) break;
-                        table.Append(row);
-                        if ((string?)row["status"] == "ok") done++; else failed++;
-                        var elapsed = sw.Elapsed;
-                        int finished = done + failed, remaining = pending.Count - finished;
-                        ro.Progress?.Invoke(new SweepProgress(done, skipped, failed, mine.Count, elapsed,
-                            TimeSpan.FromSeconds(elapsed.TotalSeconds / finished * remaining), point, row));
+                        var rows = RunBatch(preset, spec, outDir, ro, run, batch, condition, hq, irm, metrics, columns, stems[batch[0].InputIndex], checkpoints);
+                        if (rows is null) { cancelled = true; break; }
+                        for (int n = 0; n < rows.Count; n++)
+                        {
+                            var row = rows[n];
+                            table.Append(row);
+                            if ((string?)row["status"] == "ok") done++; else failed++;
+                            var elapsed = sw.Elapsed;
+                            int finished = done + failed, remaining = pending.Count - finished;
+                            ro.Progress?.Invoke(new SweepProgress(done, skipped, failed, mine.Count, elapsed,
+                                TimeSpan.FromSeconds(elapsed.TotalSeconds / finished * remaining), batch[n], row));
+                        }
                     }
                 }
             }
@@ -171,56 +179,88 @@ public static class SweepRunner
         return new SweepSummary(points.Count, mine.Count, skipped, done, failed, cancelled, outDir, table.Rows.ToList());
     }
 
-    /// <summary>One point: sample, metrics, image and manifest; null when cancelled (nothing written).</summary>
-    static JsonObject? RunPoint(PresetPipeline preset, SweepSpec spec, string outDir, SweepRunOptions ro, JsonObject run, SweepPoint point,
-        ConditionedInput condition, Tensor? hq, Tensor irm, List<Metric> metrics, IReadOnlyList<string> columns, string stem,
-        IReadOnlyDictionary<string, string> checkpoints, ref bool cancelled)
+    /// <summary>
+    /// Consecutive points (of one conditioning) that differ only in their seed, up to <paramref name="size"/> a batch:
+    /// they run as one batch through UNet and ControlNet, each with its own seed (<see cref="Diffusion.BatchNoise"/>).
+    /// </summary>
+    static IEnumerable<List<SweepPoint>> Batches(IEnumerable<SweepPoint> points, int size)
     {
-        var options = point.Options;
+        var batch = new List<SweepPoint>();
+        foreach (var p in points)
+        {
+            if (batch.Count > 0 && (batch.Count >= size || (batch[0].Settings with { Seed = 0 }) != (p.Settings with { Seed = 0 })))
+            {
+                yield return batch;
+                batch = new List<SweepPoint>();
+            }
+            batch.Add(p);
+        }
+        if (batch.Count > 0) yield return batch;
+    }
+
+    /// <summary>
+    /// One batch of points (usually one): sample, then per point its metrics, image, manifest and row; null when
+    /// cancelled (nothing written). A batch's guidance loss is one sum over its samples, so batched rows leave
+    /// guidance_loss_last empty.
+    /// </summary>
+    static List<JsonObject>? RunBatch(PresetPipeline preset, SweepSpec spec, string outDir, SweepRunOptions ro, JsonObject run, List<SweepPoint> batch,
+        ConditionedInput condition, Tensor? hq, Tensor irm, List<Metric> metrics, IReadOnlyList<string> columns, string stem,
+        IReadOnlyDictionary<string, string> checkpoints)
+    {
+        var options = batch[0].Options;
         var guided = new JsonArray();
         var sw = Stopwatch.StartNew();
-        var row = new JsonObject();
-        foreach (var c in columns) row[c] = null;
-        row["point_id"] = point.Id; row["index"] = point.Index; row["input"] = point.Input.Path; row["hq"] = point.Input.Hq;
-        foreach (var (k, v) in run) row[k] = v?.DeepClone();
-        foreach (var (k, v) in point.Settings.ToJson()) row[k] = v?.DeepClone();
+        var rows = new List<JsonObject>();
+        foreach (var point in batch)
+        {
+            var row = new JsonObject();
+            foreach (var c in columns) row[c] = null;
+            row["point_id"] = point.Id; row["index"] = point.Index; row["input"] = point.Input.Path; row["hq"] = point.Input.Hq;
+            foreach (var (k, v) in run) row[k] = v?.DeepClone();
+            foreach (var (k, v) in point.Settings.ToJson()) row[k] = v?.DeepClone();
+            rows.Add(row);
+        }
+        using var noise = batch.Count > 1 ? new Diffusion.BatchNoise(batch.Select(p => p.Settings.Seed).ToArray()) : null;
+        using var batched = batch.Count > 1 ? condition.Repeat(batch.Count) : null;
         try
         {
             using var scope = torch.NewDisposeScope();
             RestorationResult result;
             try
             {
-                result = preset.Sample(condition, options, stepObserver: info =>
+                result = preset.Sample(batched ?? condition, noise is null ? options : options with { Noise = noise }, stepObserver: info =>
                 {
                     if (info.GuidanceApplied && options.Guidance is { } g)
                         guided.Add(new JsonObject { ["step"] = info.Step, ["t"] = info.Timestep, ["scale"] = g.ScaleAt(info.Timestep), ["loss"] = info.GuidanceLoss });
                     return true;
                 }, cancellation: ro.Cancellation);
             }
-            catch (OperationCanceledException) { cancelled = true; return null; }
+            catch (OperationCanceledException) { return null; }
             using var _r = result;
-            double seconds = sw.Elapsed.TotalSeconds;
-            var image = result.Image.cpu();
-            var x = ImageIO.FromUInt8(image);
-            if (hq is not null)
+            double seconds = sw.Elapsed.TotalSeconds / batch.Count;
+            var images = result.Image.cpu();
+            for (int n = 0; n < batch.Count; n++)
             {
-                row["psnr_hq"] = ImageMetrics.Psnr(x, hq).item<double>();
-                row["ssim_hq"] = ImageMetrics.Ssim(x, hq).item<double>();
-            }
-            row["psnr_irm"] = ImageMetrics.Psnr(x, irm).item<double>();
-            row["ssim_irm"] = ImageMetrics.Ssim(x, irm).item<double>();
-            foreach (var m in metrics)
-            {
-                if (!m.Info.NeedsReference) row[m.Name] = m.Score(image)[0];
-                else if (hq is not null) row[m.Name + "_hq"] = m.Score(image, hq)[0];
-            }
-            var last = guided.LastOrDefault();
-            row["guidance_loss_last"] = last?["loss"]?.DeepClone();
-            row["guided_steps"] = guided.Count;
-            row["seconds"] = Math.Round(seconds, 3);
-            row["status"] = "ok";
-            if (spec.SaveImages)
-            {
+                var (point, row) = (batch[n], rows[n]);
+                var image = images.narrow(0, n, 1);
+                var x = ImageIO.FromUInt8(image);
+                if (hq is not null)
+                {
+                    row["psnr_hq"] = ImageMetrics.Psnr(x, hq).item<double>();
+                    row["ssim_hq"] = ImageMetrics.Ssim(x, hq).item<double>();
+                }
+                row["psnr_irm"] = ImageMetrics.Psnr(x, irm).item<double>();
+                row["ssim_irm"] = ImageMetrics.Ssim(x, irm).item<double>();
+                foreach (var m in metrics)
+                {
+                    if (!m.Info.NeedsReference) row[m.Name] = m.Score(image)[0];
+                    else if (hq is not null) row[m.Name + "_hq"] = m.Score(image, hq)[0];
+                }
+                row["guidance_loss_last"] = batch.Count == 1 ? guided.LastOrDefault()?["loss"]?.DeepClone() : null;
+                row["guided_steps"] = guided.Count;
+                row["seconds"] = Math.Round(seconds, 3);
+                row["status"] = "ok";
+                if (!spec.SaveImages) continue;
                 var rel = Path.Combine("images", stem, point.Id + ".png");
                 var png = Path.Combine(outDir, rel);
                 ImageIO.Save(png, image);
@@ -234,8 +274,10 @@ public static class SweepRunner
                     ["run"] = run.DeepClone(),
                     ["settings"] = point.Settings.ToJson(),
                     ["seed"] = point.Settings.Seed,
+                    ["batch"] = batch.Count,
+                    // per guided step the scale in effect, s·f(t), and the loss (of the whole batch when batched)
                     ["guidance_steps"] = guided.DeepClone(),
-                    ["notes"] = new JsonArray(result.Notes.Select(n => (JsonNode)n!).ToArray()),
+                    ["notes"] = new JsonArray(result.Notes.Select(t => (JsonNode)t!).ToArray()),
                     ["checkpoints"] = JsonSerializer.SerializeToNode(checkpoints),
                     ["not_a_trained_model"] = result.NotATrainedModel,
                     ["versions"] = RunInfo.Manifest(ro.Device, point.Settings.Seed),
@@ -249,11 +291,14 @@ public static class SweepRunner
         catch (NonFiniteException e)
         {
             // a diverging setting (huge cfg or guidance scale) is a result of the sweep, not a reason to stop it
-            row["status"] = "non-finite: " + e.Message;
-            row["seconds"] = Math.Round(sw.Elapsed.TotalSeconds, 3);
-            row["guided_steps"] = guided.Count;
+            foreach (var row in rows)
+            {
+                row["status"] = "non-finite: " + e.Message;
+                row["seconds"] = Math.Round(sw.Elapsed.TotalSeconds / batch.Count, 3);
+                row["guided_steps"] = guided.Count;
+            }
         }
-        return row;
+        return rows;
     }
 
     /// <summary>I_RM at the output size (bicubic antialiased, as <see cref="ImageOps.Finish"/> resizes), float NCHW on the CPU.</summary>
