@@ -14,6 +14,12 @@ app.Configure(c =>
         .WithDescription("The main job. Until restoration lands (issues 3-5) it exercises image I/O, checkpoint reading and the parity runner, and says so.");
     c.AddCommand<RestoreCommand>("restore")
         .WithDescription("Restore an image or a folder (presets v1, v2, v2.1, tiny, custom) with every official knob; a JSON manifest beside each output.");
+    c.AddBranch("sweep", b =>
+    {
+        b.SetDescription("Sweep options (guidance scale, patch size, sampler, seed, …) over inputs; a results table per point, resumable and shardable. `sweep SPEC.json -o DIR`, `sweep merge DIR… -o OUT`.");
+        b.SetDefaultCommand<SweepCommand>();
+        b.AddCommand<SweepMergeCommand>("merge").WithDescription("Join the results tables of sweep shards (one row per point; conflicting duplicates refused).");
+    });
     c.AddCommand<MetricsCommand>("metrics")
         .WithDescription("Image-quality metrics (psnr, ssim, lpips, musiq, clipiqa, maniqa, …) over a folder of predictions paired with references by name; CSV per image plus means.");
     c.AddCommand<ParityCommand>("parity")

@@ -28,6 +28,32 @@ public sealed class GuidanceSchedule
     public static GuidanceSchedule Cosine(double atNoisy, double atClean, int timesteps = 1000) =>
         new(t => atClean + (atNoisy - atClean) * (1 - Math.Cos(Math.PI * t / (timesteps - 1.0))) / 2, $"cosine {atNoisy}→{atClean}");
 
+    /// <summary>
+    /// A schedule from its text form (the CLI's <c>--g-schedule</c>): <c>constant</c> (null: f = 1), <c>linear:A:B</c>,
+    /// <c>cosine:A:B</c> or <c>piecewise:T=F,T=F,…</c>. Anything else is a <see cref="FormatException"/> naming the forms.
+    /// </summary>
+    public static GuidanceSchedule? Parse(string spec)
+    {
+        static double D(string x) => double.Parse(x, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture);
+        var parts = spec.Split(':');
+        try
+        {
+            return parts[0] switch
+            {
+                "constant" when parts.Length == 1 => null,
+                "linear" when parts.Length == 3 => Linear(D(parts[1]), D(parts[2])),
+                "cosine" when parts.Length == 3 => Cosine(D(parts[1]), D(parts[2])),
+                "piecewise" when parts.Length == 2 => Piecewise(parts[1].Split(',').Select(p => p.Split('='))
+                    .Select(kv => kv.Length == 2 ? (int.Parse(kv[0], System.Globalization.CultureInfo.InvariantCulture), D(kv[1])) : throw new FormatException()).ToArray()),
+                _ => throw new FormatException(),
+            };
+        }
+        catch (Exception e) when (e is FormatException or OverflowException or IndexOutOfRangeException)
+        {
+            throw new FormatException($"'{spec}' is not a guidance schedule: expected constant, linear:A:B, cosine:A:B or piecewise:T=F,T=F,…");
+        }
+    }
+
     /// <summary>Piecewise constant: each (fromT, s) applies for t ≥ fromT down to the next boundary; pieces are
     /// sorted by fromT descending; below the last boundary the last scale holds.</summary>
     public static GuidanceSchedule Piecewise(params (int FromT, double Scale)[] pieces)

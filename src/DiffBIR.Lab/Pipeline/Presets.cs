@@ -105,6 +105,25 @@ public sealed class PresetPipeline : IDisposable
         return Pipeline.Run(up, o);
     }
 
+    /// <summary>The conditioning half of <see cref="Restore"/> (the loop's pre-upscale, then
+    /// <see cref="RestorationPipeline.Condition"/>): compute it once per input, then <see cref="Sample"/> any number
+    /// of sampling settings on it.</summary>
+    public ConditionedInput Condition(Tensor lqUint8Nhwc, PipelineOptions? options = null, Action<PipelineEvent>? observer = null)
+    {
+        var o = options ?? Preset.Defaults;
+        PipelineChecks.Validate(o);
+        Presets.CheckSizes(Preset, Task, Upscale, lqUint8Nhwc.shape[1], lqUint8Nhwc.shape[2], "input", o);
+        if (!Preset.PreUpscale(Task)) return Pipeline.Condition(lqUint8Nhwc, o, observer);
+        using var up = PilResize.Upscale(lqUint8Nhwc, Upscale);
+        return Pipeline.Condition(up, o, observer);
+    }
+
+    /// <summary>The sampling half of <see cref="Restore"/> on a condition from <see cref="Condition"/> (options default
+    /// to the preset's).</summary>
+    public RestorationResult Sample(ConditionedInput condition, PipelineOptions? options = null, Action<PipelineEvent>? observer = null,
+        Func<Sampling.StepInfo, bool>? stepObserver = null, CancellationToken cancellation = default) =>
+        Pipeline.Sample(condition, options ?? Preset.Defaults, observer, stepObserver, cancellation);
+
     public void Dispose() => Pipeline.Dispose();
 }
 

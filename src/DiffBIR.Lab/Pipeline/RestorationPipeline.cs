@@ -94,9 +94,104 @@ public sealed record RestorationResult(
 }
 
 /// <summary>
+/// The options that shape the conditioning (what <see cref="RestorationPipeline.Condition"/> computes): the prompts,
+/// stage-1 tiling, VAE-encoder tiling, and whether diffusion tiling is on (it changes the padding of the condition
+/// image: 64 px untiled, 8 px tiled). Tile sizes and strides count only where their tiling is on. Every other option
+/// of <see cref="PipelineOptions"/> only changes sampling.
+/// </summary>
+public sealed record ConditionOptions(
+    string PosPrompt, string NegPrompt,
+    bool CleanerTiled, int CleanerTileSize, int CleanerTileStride,
+    bool VaeEncoderTiled, int VaeEncoderTileSize, bool CldmTiled)
+{
+    public static ConditionOptions Of(PipelineOptions o) => new(
+        o.PosPrompt, o.NegPrompt,
+        o.CleanerTiled, o.CleanerTiled ? o.CleanerTileSize : 0, o.CleanerTiled ? o.CleanerTileStride : 0,
+        o.VaeEncoderTiled, o.VaeEncoderTiled ? o.VaeEncoderTileSize : 0, o.CldmTiled);
+
+    /// <summary>The first option (as the <see cref="PipelineOptions"/> property is named) that differs, or null.</summary>
+    public string? FirstDifference(ConditionOptions other)
+    {
+        if (PosPrompt != other.PosPrompt) return nameof(PipelineOptions.PosPrompt);
+        if (NegPrompt != other.NegPrompt) return nameof(PipelineOptions.NegPrompt);
+        if (CleanerTiled != other.CleanerTiled) return nameof(PipelineOptions.CleanerTiled);
+        if (CleanerTileSize != other.CleanerTileSize) return nameof(PipelineOptions.CleanerTileSize);
+        if (CleanerTileStride != other.CleanerTileStride) return nameof(PipelineOptions.CleanerTileStride);
+        if (VaeEncoderTiled != other.VaeEncoderTiled) return nameof(PipelineOptions.VaeEncoderTiled);
+        if (VaeEncoderTileSize != other.VaeEncoderTileSize) return nameof(PipelineOptions.VaeEncoderTileSize);
+        if (CldmTiled != other.CldmTiled) return nameof(PipelineOptions.CldmTiled);
+        return null;
+    }
+}
+
+/// <summary>
+/// An input conditioned once for any number of sampling runs (<see cref="RestorationPipeline.Condition"/> →
+/// <see cref="RestorationPipeline.Sample"/>): I_RM (the stage-1 output, the condition image in [0, 1]), the condition
+/// image padded for the VAE, c_img = VAE encoding of the padded image, the positive and negative text embeddings, and
+/// the sizes to crop back to. A sweep over guidance, sampler, steps, CFG, strength or seed reuses it, so stage 1, the
+/// VAE encoder and CLIP run once per input. Owns its tensors: dispose it when the sweep is done. Sampling never
+/// changes them.
+/// </summary>
+public sealed class ConditionedInput : IDisposable
+{
+    /// <summary>I_RM: the stage-1 restoration [N, 3, H, W] in [0, 1] (official <c>cond_img</c>).</summary>
+    public Tensor Stage1 { get; }
+    /// <summary>I_RM padded to 64 px (8 px when VAE-encoder or diffusion tiling is on); guidance target = padded·2 − 1.</summary>
+    public Tensor Padded { get; }
+    /// <summary>c_img: the VAE encoding (mode) of 2·Padded − 1, scaled latent [N, 4, H/8, W/8].</summary>
+    public Tensor CImage { get; }
+    /// <summary>Positive text embedding (CLIP of <see cref="ConditionOptions.PosPrompt"/>, one row per image).</summary>
+    public Tensor CText { get; }
+    /// <summary>Negative text embedding (CLIP of <see cref="ConditionOptions.NegPrompt"/>).</summary>
+    public Tensor UcText { get; }
+    /// <summary>Size of the input given to <see cref="RestorationPipeline.Condition"/> (after any pre-upscale).</summary>
+    public (long H, long W) InputSize { get; }
+    /// <summary>Size of the final image (official <c>set_output_size</c>).</summary>
+    public (long H, long W) OutputSize { get; }
+    /// <summary>The options the conditioning was made with; <see cref="RestorationPipeline.Sample"/> refuses others.</summary>
+    public ConditionOptions Options { get; }
+    /// <summary>Notes of the conditioning (stage-1 or VAE-encoder tiling switched off, …).</summary>
+    public IReadOnlyList<string> Notes { get; }
+    public long BatchSize => Stage1.shape[0];
+
+    internal ConditionedInput(Tensor stage1, Tensor padded, Tensor cImage, Tensor cText, Tensor ucText,
+        (long, long) inputSize, (long, long) outputSize, ConditionOptions options, IReadOnlyList<string> notes)
+    {
+        Stage1 = stage1; Padded = padded; CImage = cImage; CText = cText; UcText = ucText;
+        InputSize = inputSize; OutputSize = outputSize; Options = options; Notes = notes;
+    }
+
+    bool _disposed;
+    public bool IsDisposed => _disposed;
+
+    /// <summary>
+    /// The same condition for a batch of <paramref name="n"/> sampling runs (each row a copy of this batch-1
+    /// condition), e.g. several seeds in one pass through UNet and ControlNet: sample it with a
+    /// <see cref="BatchNoise"/> of the seeds. The copy is a new value: dispose it too.
+    /// </summary>
+    public ConditionedInput Repeat(int n)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (BatchSize != 1) throw new InvalidOperationException($"Repeat needs a condition of one image (this one has {BatchSize})");
+        if (n < 1) throw new ArgumentOutOfRangeException(nameof(n), $"a batch needs at least one run (got {n})");
+        static Tensor R(Tensor t, int n) => t.repeat(t.shape.Select((_, i) => i == 0 ? (long)n : 1L).ToArray());
+        return new ConditionedInput(R(Stage1, n), R(Padded, n), R(CImage, n), R(CText, n), R(UcText, n), InputSize, OutputSize, Options, Notes);
+    }
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        foreach (var t in new[] { Stage1, Padded, CImage, CText, UcText }) t.Dispose();
+    }
+}
+
+/// <summary>
 /// DiffBIR inference as the official <c>diffbir/pipeline.py</c> (HEAD): restore (cleaner) → encode (VAE of the
 /// condition, CLIP of the prompts) → sample (IRControlNet-guided LDM, any sampler, optional latent tiles) → decode
 /// → wavelet colour fix against the stage-1 output, resize to the output size, uint8 by truncation.
+/// The first two are <see cref="Condition"/> (a value, computed once per input), the rest <see cref="Sample"/>;
+/// <see cref="Run"/> is the two in a row.
 /// </summary>
 public sealed class RestorationPipeline : IDisposable
 {
@@ -105,9 +200,11 @@ public sealed class RestorationPipeline : IDisposable
     public NoiseSchedule Schedule { get; }
     /// <summary>True when the networks carry random weights (tiny preset): results say so.</summary>
     public bool NotATrainedModel { get; init; }
-    /// <summary>Called with every stage's output and with notes (tiling switched off, …); return value ignored.</summary>
+    /// <summary>Fallback observer of every stage's output, used when a call passes none.</summary>
+    [Obsolete("Pass the observer to Run / Condition / Sample instead: a property stays attached when a notebook cell throws.")]
     public Action<PipelineEvent>? Observer { get; set; }
-    /// <summary>Called after each sampler step (return false to cancel).</summary>
+    /// <summary>Fallback step observer, used when a call passes none (return false to cancel).</summary>
+    [Obsolete("Pass the step observer to Run / Sample instead: a property stays attached when a notebook cell throws.")]
     public Func<StepInfo, bool>? StepObserver { get; set; }
 
     /// <summary>Where the networks live (the device of the UNet's first parameter); inputs are moved there.</summary>
@@ -118,22 +215,40 @@ public sealed class RestorationPipeline : IDisposable
         Cleaner = cleaner; Cldm = cldm; Schedule = schedule;
     }
 
-    List<string> _notes = new();
-    void Note(string s) { _notes.Add(s); Observer?.Invoke(new PipelineEvent("note", Note: s)); }
-    void Emit(string stage, Tensor t) => Observer?.Invoke(new PipelineEvent(stage, t));
+#pragma warning disable CS0618 // the obsolete properties are the fallback of the per-call arguments
+    Action<PipelineEvent>? ObserverOr(Action<PipelineEvent>? given) => given ?? Observer;
+    Func<StepInfo, bool>? StepObserverOr(Func<StepInfo, bool>? given) => given ?? StepObserver;
+#pragma warning restore CS0618
 
     /// <summary>
-    /// Restores uint8 images [N, H, W, 3] (official <c>Pipeline.run</c>). The stage-1 output must be at least 512 on
-    /// both sides (the cleaners ensure it).
+    /// Restores uint8 images [N, H, W, 3] (official <c>Pipeline.run</c>): <see cref="Condition"/> then
+    /// <see cref="Sample"/>. The stage-1 output must be at least the cleaner's condition short edge on both sides.
     /// </summary>
-    public RestorationResult Run(Tensor lqUint8Nhwc, PipelineOptions? options = null)
+    public RestorationResult Run(Tensor lqUint8Nhwc, PipelineOptions? options = null, Action<PipelineEvent>? observer = null,
+        Func<StepInfo, bool>? stepObserver = null, CancellationToken cancellation = default)
+    {
+        var o = options ?? new PipelineOptions();
+        using var c = Condition(lqUint8Nhwc, o, observer);
+        return Sample(c, o, observer, stepObserver, cancellation);
+    }
+
+    /// <summary>
+    /// Restore + encode, once per input: the cleaner (stage 1, official <c>apply_cleaner</c>), the padding, c_img (VAE
+    /// encoder) and the positive / negative text embeddings (CLIP). Only the options of <see cref="ConditionOptions"/>
+    /// matter here; no noise is drawn.
+    /// </summary>
+    public ConditionedInput Condition(Tensor lqUint8Nhwc, PipelineOptions? options = null, Action<PipelineEvent>? observer = null)
     {
         var o = options ?? new PipelineOptions();
         PipelineChecks.Validate(o);
         if (lqUint8Nhwc.dim() != 4 || lqUint8Nhwc.shape[3] != 3)
             throw new ArgumentException($"the input must be uint8 [N, H, W, 3] (got [{string.Join(", ", lqUint8Nhwc.shape)}])");
         PipelineChecks.CheckSizes(Cleaner, lqUint8Nhwc.shape[1], lqUint8Nhwc.shape[2], "input", o);
-        _notes = new List<string>();
+        var obs = ObserverOr(observer);
+        var notes = new List<string>();
+        void Note(string s) { notes.Add(s); obs?.Invoke(new PipelineEvent("note", Note: s)); }
+        void Emit(string stage, Tensor t) => obs?.Invoke(new PipelineEvent(stage, t));
+
         using var _ng = torch.no_grad();
         using var scope = torch.NewDisposeScope();
         var lq = lqUint8Nhwc.to(ScalarType.Float32).div(255.0).clamp(0, 1).permute(0, 3, 1, 2).contiguous().to(Device);
@@ -146,43 +261,65 @@ public sealed class RestorationPipeline : IDisposable
         if (condImg.shape[2] < min || condImg.shape[3] < min)
             throw new InvalidOperationException(
                 $"the stage-1 output is {condImg.shape[2]}×{condImg.shape[3]}; it must be at least {min} on both sides, since it is the condition of the stage-2 model");
-        var c = ApplyCldm(condImg, o);
-        var image = ImageOps.Finish(c.Sample, condImg, oh, ow);
-        Emit("image", image);
-        var r = new RestorationResult(image, condImg, c.CText, c.UcText, c.CImage, c.Z, c.Decoded, NotATrainedModel, _notes);
-        foreach (var t in new[] { image, condImg, c.CText, c.UcText, c.CImage, c.Z, c.Decoded }) t.MoveToOuterDisposeScope();
-        return r;
-    }
 
-    /// <summary>The stage-2 intermediates of <see cref="ApplyCldm"/>.</summary>
-    public sealed record CldmOutput(Tensor Sample, Tensor CText, Tensor UcText, Tensor CImage, Tensor Z, Tensor Decoded);
-
-    /// <summary>
-    /// Stage 2 on a condition image in [0, 1] (official <c>apply_cldm</c>): pad to 64 (8 when any VAE-encoder or
-    /// diffusion tiling is on), prepare the positive and negative conditions, pad the latent to 8 (untiled),
-    /// choose the start point, noise augmentation, control strength, sample, crop, decode, crop to the input size.
-    /// Returns the decoded sample in about [−1, 1], cropped, plus the intermediates.
-    /// </summary>
-    public CldmOutput ApplyCldm(Tensor condImg, PipelineOptions o)
-    {
-        using var scope = torch.NewDisposeScope();
-        long bs = condImg.shape[0], h0 = condImg.shape[2], w0 = condImg.shape[3];
-        bool encTiled = o.VaeEncoderTiled, decTiled = o.VaeDecoderTiled, cldmTiled = o.CldmTiled;
-        var padded = ImageOps.PadToMultiplesOf(condImg, !encTiled && !cldmTiled ? 64 : 8);
+        // Official apply_cldm, first half: pad to 64 (8 when any VAE-encoder or diffusion tiling is on), encode.
+        long bs = condImg.shape[0];
+        bool encTiled = o.VaeEncoderTiled;
+        var padded = ImageOps.PadToMultiplesOf(condImg, !encTiled && !o.CldmTiled ? 64 : 8);
         if (encTiled && (padded.shape[2] < o.VaeEncoderTileSize || padded.shape[3] < o.VaeEncoderTileSize))
         {
             Note("[VAE Encoder]: the input size is tiny and unnecessary to tile.");
             encTiled = false;
         }
         if (encTiled && o.VaeEncoderTileSize % 8 != 0) throw new ArgumentException("VAE encoder tile size must be a multiple of 8");
-
         // The official code encodes the image twice (once per prompt); the two c_img are identical, so we encode once.
         var prompts = Enumerable.Repeat(o.PosPrompt, (int)bs).ToArray();
         var negPrompts = Enumerable.Repeat(o.NegPrompt, (int)bs).ToArray();
         var cond = Cldm.PrepareCondition(padded, prompts, encTiled, o.VaeEncoderTileSize);
         var ucText = Cldm.clip.Encode(negPrompts);
-        var cImg = cond.CImage;
-        Emit("c_txt", cond.CText); Emit("uc_txt", ucText); Emit("c_img", cImg);
+        Emit("c_txt", cond.CText); Emit("uc_txt", ucText); Emit("c_img", cond.CImage);
+        var result = new ConditionedInput(condImg, padded, cond.CImage, cond.CText, ucText,
+            (lqUint8Nhwc.shape[1], lqUint8Nhwc.shape[2]), (oh, ow), ConditionOptions.Of(o), notes);
+        foreach (var t in new[] { condImg, padded, cond.CImage, cond.CText, ucText }) t.MoveToOuterDisposeScope();
+        return result;
+    }
+
+    /// <summary>
+    /// One sampling run on a conditioned input (official <c>apply_cldm</c>, second half, then the colour fix): start
+    /// point, noise augmentation, control strength, the sampler loop with optional restoration guidance, crop,
+    /// decode, <see cref="ImageOps.Finish"/>. Options whose conditioning part (<see cref="ConditionOptions"/>) differs
+    /// from the one <paramref name="condition"/> was made with are refused. The result owns copies of the condition's
+    /// tensors, so it may be disposed independently.
+    /// </summary>
+    /// <param name="observer">Sees "z", "decoded", "image" and notes (default: the obsolete property).</param>
+    /// <param name="stepObserver">Sees every sampler step; return false to cancel (default: the obsolete property).</param>
+    /// <param name="cancellation">Checked after every step: the run stops with <see cref="OperationCanceledException"/>.</param>
+    public RestorationResult Sample(ConditionedInput condition, PipelineOptions? options = null, Action<PipelineEvent>? observer = null,
+        Func<StepInfo, bool>? stepObserver = null, CancellationToken cancellation = default)
+    {
+        var o = options ?? new PipelineOptions();
+        ObjectDisposedException.ThrowIf(condition.IsDisposed, condition);
+        PipelineChecks.Validate(o);
+        if (condition.Options.FirstDifference(ConditionOptions.Of(o)) is { } differs)
+            throw new ArgumentException(
+                $"options.{differs} differs from the one the condition was made with: it changes the conditioning (stage 1, VAE encoder or CLIP); make a new Condition with these options",
+                nameof(options));
+        PipelineChecks.CheckSizes(Cleaner, condition.InputSize.H, condition.InputSize.W, "input", o);
+        var obs = ObserverOr(observer);
+        var steps = StepObserverOr(stepObserver);
+        Func<StepInfo, bool>? onStep = steps is null && !cancellation.CanBeCanceled ? null
+            : info => (steps?.Invoke(info) ?? true) && !cancellation.IsCancellationRequested;
+        var notes = new List<string>(condition.Notes);
+        void Note(string s) { notes.Add(s); obs?.Invoke(new PipelineEvent("note", Note: s)); }
+        void Emit(string stage, Tensor t) => obs?.Invoke(new PipelineEvent(stage, t));
+
+        using var _ng = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var condImg = condition.Stage1;
+        var padded = condition.Padded;
+        var cImg = condition.CImage;
+        long bs = condImg.shape[0], h0 = condImg.shape[2], w0 = condImg.shape[3];
+        bool decTiled = o.VaeDecoderTiled, cldmTiled = o.CldmTiled;
         long h1 = cImg.shape[2], w1 = cImg.shape[3];
         if (cldmTiled && (h1 < o.CldmTileSize / 8 || w1 < o.CldmTileSize / 8))
         {
@@ -202,7 +339,7 @@ public sealed class RestorationPipeline : IDisposable
             {
                 if (o.StartPointType == StartPoint.Cond)
                 {
-                    var t = torch.full(new[] { bs }, Schedule.Timesteps - 1, ScalarType.Int64);
+                    var t = torch.full(new[] { bs }, Schedule.Timesteps - 1, ScalarType.Int64, device: cImgForSampling.device);
                     xT = Schedule.QSample(cImgForSampling, t, noise.Next(cImgForSampling));
                 }
                 else xT = noise.Next(like);
@@ -210,13 +347,13 @@ public sealed class RestorationPipeline : IDisposable
             var uImg = cImgForSampling;
             if (o.NoiseAug > 0)
             {
-                var t = torch.full(new[] { bs }, o.NoiseAug, ScalarType.Int64);
+                var t = torch.full(new[] { bs }, o.NoiseAug, ScalarType.Int64, device: cImgForSampling.device);
                 cImgForSampling = Schedule.QSample(cImgForSampling, t, noise.Next(cImgForSampling));
                 uImg = cImgForSampling.detach().clone();
             }
             var scales = Conditioning.Strength(o.Strength);
-            var pos = new Conditioning(cond.CText, cImgForSampling, scales);
-            var neg = new Conditioning(ucText, uImg, scales);
+            var pos = new Conditioning(condition.CText, cImgForSampling, scales);
+            var neg = new Conditioning(condition.UcText, uImg, scales);
             IDenoiser model = cldmTiled ? new TiledDenoiser(Cldm, o.CldmTileSize / 8, o.CldmTileStride / 8) : Cldm;
             Guidance.Guide? guide = null;
             if (o.Guidance is not null)
@@ -236,7 +373,8 @@ public sealed class RestorationPipeline : IDisposable
             var sampler = Samplers.Create(o.Sampler, Schedule, o.SamplerOptions);
             Tensor zFull;
             using (var run = sampler.Start(xT, o.Steps, noise))
-                zFull = SamplingLoop.Run(run, cfg, guide, StepObserver, z => Cldm.VaeDecode(z)) ?? throw new OperationCanceledException("sampling cancelled by the observer");
+                zFull = SamplingLoop.Run(run, cfg, guide, onStep, z => Cldm.VaeDecode(z))
+                    ?? throw new OperationCanceledException(cancellation.IsCancellationRequested ? "sampling cancelled" : "sampling cancelled by the observer");
             // the run's result belongs to us and lives outside any scope: keep the crop, free the handle
             var z = zFull[.., .., ..(int)h1, ..(int)w1].clone();
             zFull.Dispose();
@@ -253,9 +391,13 @@ public sealed class RestorationPipeline : IDisposable
                 throw new NonFiniteException($"the decoded image has non-finite values (latents up to {z.abs().max().item<float>():G3}; cfg {o.CfgScale}, strength {o.Strength}, guidance scale {o.Guidance?.Scale ?? 0}): lower --cfg or --g-scale; nothing was written");
             Emit("decoded", decoded);
             var sample = decoded[.., .., ..(int)h0, ..(int)w0];
-            var result = new CldmOutput(sample, cond.CText, ucText, cImg, z, decoded);
-            foreach (var t in new[] { sample, cond.CText, ucText, cImg, z, decoded }) t.MoveToOuterDisposeScope();
-            return result;
+            var image = ImageOps.Finish(sample, condImg, condition.OutputSize.H, condition.OutputSize.W);
+            Emit("image", image);
+            // the result owns copies of the condition's tensors: disposing it leaves the condition usable
+            var stage1 = condImg.clone(); var cText = condition.CText.clone(); var ucText = condition.UcText.clone(); var cImgCopy = cImg.clone();
+            var r = new RestorationResult(image, stage1, cText, ucText, cImgCopy, z, decoded, NotATrainedModel, notes);
+            foreach (var t in new[] { image, stage1, cText, ucText, cImgCopy, z, decoded }) t.MoveToOuterDisposeScope();
+            return r;
         }
         finally
         {
