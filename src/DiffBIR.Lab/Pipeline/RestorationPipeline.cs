@@ -262,6 +262,37 @@ public sealed class RestorationPipeline : IDisposable
             throw new InvalidOperationException(
                 $"the stage-1 output is {condImg.shape[2]}×{condImg.shape[3]}; it must be at least {min} on both sides, since it is the condition of the stage-2 model");
 
+        var result = Encode(condImg, o, (lqUint8Nhwc.shape[1], lqUint8Nhwc.shape[2]), (oh, ow), notes, obs);
+        foreach (var t in new[] { result.Stage1, result.Padded, result.CImage, result.CText, result.UcText }) t.MoveToOuterDisposeScope();
+        return result;
+    }
+
+    /// <summary>
+    /// The encode half of <see cref="Condition"/> on a stage-1 output that the caller made (float [N, 3, H, W] in
+    /// [0, 1], e.g. a model being trained): padding, c_img and the text embeddings. The result's output size is the
+    /// image's own; the stage-1 size rule of the cleaner is not applied. The result owns a copy of the image.
+    /// </summary>
+    public ConditionedInput ConditionOnStage1(Tensor stage1, PipelineOptions? options = null, Action<PipelineEvent>? observer = null)
+    {
+        var o = options ?? new PipelineOptions();
+        PipelineChecks.Validate(o);
+        if (stage1.dim() != 4 || stage1.shape[1] != 3)
+            throw new ArgumentException($"the stage-1 image must be float [N, 3, H, W] (got [{string.Join(", ", stage1.shape)}])");
+        using var _ng = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var condImg = stage1.to(ScalarType.Float32).to(Device).clone();
+        var size = (condImg.shape[2], condImg.shape[3]);
+        var result = Encode(condImg, o, size, size, new List<string>(), ObserverOr(observer));
+        foreach (var t in new[] { result.Stage1, result.Padded, result.CImage, result.CText, result.UcText }) t.MoveToOuterDisposeScope();
+        return result;
+    }
+
+    ConditionedInput Encode(Tensor condImg, PipelineOptions o, (long H, long W) inputSize, (long H, long W) outputSize,
+        List<string> notes, Action<PipelineEvent>? obs)
+    {
+        void Note(string s) { notes.Add(s); obs?.Invoke(new PipelineEvent("note", Note: s)); }
+        void Emit(string stage, Tensor t) => obs?.Invoke(new PipelineEvent(stage, t));
+        // (no scope of its own: the caller's scope holds these until it moves the result out)
         // Official apply_cldm, first half: pad to 64 (8 when any VAE-encoder or diffusion tiling is on), encode.
         long bs = condImg.shape[0];
         bool encTiled = o.VaeEncoderTiled;
@@ -279,8 +310,7 @@ public sealed class RestorationPipeline : IDisposable
         var ucText = Cldm.clip.Encode(negPrompts);
         Emit("c_txt", cond.CText); Emit("uc_txt", ucText); Emit("c_img", cond.CImage);
         var result = new ConditionedInput(condImg, padded, cond.CImage, cond.CText, ucText,
-            (lqUint8Nhwc.shape[1], lqUint8Nhwc.shape[2]), (oh, ow), ConditionOptions.Of(o), notes);
-        foreach (var t in new[] { condImg, padded, cond.CImage, cond.CText, ucText }) t.MoveToOuterDisposeScope();
+            inputSize, outputSize, ConditionOptions.Of(o), notes);
         return result;
     }
 

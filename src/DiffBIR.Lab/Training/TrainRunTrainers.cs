@@ -181,9 +181,9 @@ public sealed class Stage2Training : ITrainer
         var clean = _stage1.forward(ImageOps.PadToMultiplesOf(lq, 64))[.., .., ..(int)h, ..(int)w].clamp(0, 1);
         _pipe ??= new RestorationPipeline(new SwinIRCleaner(_stage1), _cldm, _schedule);
         var opts = new PipelineOptions { Sampler = "spaced", Steps = _sampleSteps, CfgScale = 1.0, PosPrompt = "", NegPrompt = "", Seed = seed };
-        var c = _pipe.ApplyCldm(clean, opts);
-        var y = ((c.Decoded + 1) / 2).clamp(0, 1);
-        foreach (var t in new[] { c.Sample, c.CText, c.UcText, c.CImage, c.Z }) t.Dispose();
+        using var cond = _pipe.ConditionOnStage1(clean, opts);
+        using var r = _pipe.Sample(cond, opts);
+        var y = ((r.Decoded + 1) / 2).clamp(0, 1);
         Stage2Trainer.Prepare(_cldm);
         return y.MoveToOuterDisposeScope();
     }
