@@ -176,16 +176,18 @@ let cases : Case list =
       { refused "safetensors with a negative shape" [] [ "neg.safetensors"; "shape" ] with
           Setup = (fun d -> safetensors (Path.Combine(d, "neg.safetensors")) """{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}""" 8)
           Args = [ "weights"; "inspect"; "neg.safetensors" ]; Untouched = [] }
-      { refused "parity on an empty folder" [] [ "empty"; "nothing to check" ] with
-          Setup = (fun d -> Directory.CreateDirectory(Path.Combine(d, "empty")) |> ignore); Args = [ "parity"; "empty" ]; Untouched = [] }
+      // parity with nothing to check is a check that did not pass: exit 1 (not 0), one line
+      { refused "parity on an empty folder" [] [ "nothing to check"; "empty" ] with
+          Setup = (fun d -> Directory.CreateDirectory(Path.Combine(d, "empty")) |> ignore); Args = [ "parity"; "empty" ]; Code = 1; Untouched = [] }
       { refused "parity on a mistyped path" [] [ "fixturs"; "no such file" ] with Args = [ "parity"; "fixturs" ]; Untouched = [] }
       { refused "notebooks run on an empty folder" [] [ "empty"; "nothing to run" ] with
           Setup = (fun d -> Directory.CreateDirectory(Path.Combine(d, "empty")) |> ignore); Args = [ "notebooks"; "run"; "empty" ]; Untouched = [] }
       { refused "notebooks run on a mistyped path" [] [ "nb.ipynb"; "no such notebook" ] with Args = [ "notebooks"; "run"; "nb.ipynb" ]; Untouched = [] }
       // Cases where something runs.
-      { Name = "parity on unrelated tensors is not implemented, not a crash"
+      { Name = "parity on unrelated tensors (no case in __metadata__) has nothing to check, not a crash"
         Setup = (fun d -> safetensors (Path.Combine(d, "unrelated.safetensors")) """{"foo":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}""" 8)
-        Args = [ "parity"; "unrelated.safetensors" ]; Code = 1; Fragments = []; OneLine = false; Untouched = []; Outputs = []; NoOutputs = [] }
+        Args = [ "parity"; "unrelated.safetensors" ]; Code = 1; Fragments = [ "nothing to check"; "unrelated.safetensors" ]; OneLine = true
+        Untouched = []; Outputs = []; NoOutputs = [] }
       { Name = "a.png and a.jpg get distinct outputs"
         Setup = (fun d -> oneImage d; image (Path.Combine(d, "in", "a.jpg")) 16 16)
         Args = restoreIn []; Code = 0; Fragments = []; OneLine = false; Untouched = [ "in" ]

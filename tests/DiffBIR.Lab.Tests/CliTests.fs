@@ -53,6 +53,25 @@ let ``parity exits non-zero when a case is not implemented and zero when all pas
     out2 |> should haveSubstring "2 passed, 0 failed, 0 not implemented"
 
 [<Fact>]
+let ``parity with nothing to check exits 1 with one line, and a caseless file beside a fixture is reported, not hidden`` () =
+    use dir = new TempDir()
+    let empty = Directory.CreateDirectory(dir.File "empty").FullName
+    let caseless = dir.File "weights.safetensors"
+    DiffBIR.Lab.Checkpoints.SafeTensors.Save(caseless, System.Collections.Generic.Dictionary(dict [ "out.y", TorchSharp.torch.zeros(2L) ]),
+                                            System.Collections.Generic.Dictionary<string, string>())
+    File.WriteAllText(dir.File "README.md", "not a fixture")
+    for target in [ empty; caseless; dir.Path ] do
+        let code, out = run [ "parity"; target ]
+        code |> should equal 1
+        out.Trim().Split('\n') |> should haveLength 1
+        out |> should startWith "error: nothing to check: "
+        out |> should haveSubstring (Path.GetFileName target)
+    let code, out = run [ "parity"; fixture "diffusion_schedule.safetensors"; caseless ]
+    code |> should equal 1
+    out |> should haveSubstring "unknown:weights.safetensors"
+    out |> should haveSubstring "1 passed, 0 failed, 1 not implemented"
+
+[<Fact>]
 let ``the demo restores a degraded test card with the tiny preset when no weights are present`` () =
     use dir = new TempDir()
     let code, out = run [ "demo"; "--fixtures"; fixture "checkpoints"; "--output"; dir.Path; "--weights"; dir.File "none" ]

@@ -35,6 +35,21 @@ let ``the runner reads every fixture file and finds the cases of both folders`` 
     cases |> List.exists (fun c -> c.StartsWith "unknown:") |> should be False
 
 [<Fact>]
+let ``a safetensors file that names no case is not a fixture; an unreadable one is, so that running it reports why`` () =
+    use dir = new TempDir()
+    let caseless = dir.File "model.safetensors"
+    DiffBIR.Lab.Checkpoints.SafeTensors.Save(caseless, System.Collections.Generic.Dictionary(dict [ "w", torch.zeros(2L) ]),
+                                            System.Collections.Generic.Dictionary<string, string>())
+    Fixture.CaseOf caseless |> should equal "unknown:model.safetensors"
+    Fixture.IsFixtureFile caseless |> should be False
+    ParityRunner.FindFixtures [ dir.Path ] |> should be Empty
+    let broken = dir.File "broken.safetensors"
+    File.WriteAllBytes(broken, Array.init 64 byte)
+    Fixture.IsFixtureFile broken |> should be True
+    ParityRunner.Default().RunFile(broken).Status |> should equal CaseStatus.Error
+    Fixture.IsFixtureFile(fixture "diffusion_schedule.safetensors") |> should be True
+
+[<Fact>]
 let ``an unimplemented case is reported as such, not as a pass`` () =
     let runner = ParityRunner([ DiffusionScheduleCase() :> IParityCase ])
     let r = runner.RunFile(fixture "vae.safetensors")

@@ -81,7 +81,7 @@ namespace DiffBIR.Lab.Cli.Commands
         public string? Json { get; set; }
     }
 
-    /// <summary><c>diffbir-lab parity PATH…</c>: exit 0 only when every case is implemented and passes.</summary>
+    /// <summary><c>diffbir-lab parity PATH…</c>: exit 0 only when every case is implemented and passes; 1 also when the paths hold no fixture.</summary>
     public sealed class ParityCommand : Command<ParitySettings>
     {
         public override int Execute(CommandContext context, ParitySettings s, CancellationToken cancellationToken)
@@ -89,7 +89,13 @@ namespace DiffBIR.Lab.Cli.Commands
             foreach (var p in s.Paths)
                 if (!File.Exists(p) && !Directory.Exists(p)) throw new FileNotFoundException($"{p}: no such file or folder");
             var files = ParityRunner.FindFixtures(s.Paths);
-            if (files.Count == 0) { CliErrors.Print($"{string.Join(", ", s.Paths)}: nothing to check (no fixture files: *.safetensors, checkpoints/expected.json, schema/*.json)"); return 2; }
+            if (!files.Any(Fixture.IsFixtureFile))
+            {
+                // Exit 1, not 0: a check that compared nothing must not read as a pass.
+                CliErrors.Print($"nothing to check: {string.Join(", ", s.Paths)} holds no fixture (a *.safetensors fixture names its case in "
+                                + "__metadata__[\"case\"]; also tokenizer.json, checkpoints/expected.json, schema/*.json)");
+                return 1;
+            }
             var tol = s.Rtol.HasValue || s.Atol.HasValue ? new Tolerance(s.Rtol ?? 0, s.Atol ?? 0) : null;
             var reports = Run(files, tol, s.Verbose, cancellationToken);
             if (s.Json != null) ParityReportJson.Write(s.Json, reports);

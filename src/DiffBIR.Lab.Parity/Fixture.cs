@@ -25,13 +25,16 @@ public sealed class Fixture : IDisposable
         Path = path; Case = @case; Metadata = meta; Tensors = tensors;
     }
 
-    /// <summary>The case a file holds, read from its header only (cheap).</summary>
+    /// <summary>
+    /// The case a file holds, read from its header only (cheap); <c>unknown:NAME</c> for a file that names none (every
+    /// safetensors fixture names its case in <c>__metadata__["case"]</c>).
+    /// </summary>
     public static string CaseOf(string path)
     {
         if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
         {
             var (_, meta, _) = SafeTensors.ReadHeader(path);
-            return meta.TryGetValue("case", out var c) ? c : System.IO.Path.GetFileNameWithoutExtension(path);
+            return meta.TryGetValue("case", out var c) ? c : "unknown:" + System.IO.Path.GetFileName(path);
         }
         var name = System.IO.Path.GetFileName(path);
         var dir = System.IO.Path.GetFileName(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path)) ?? "");
@@ -41,14 +44,17 @@ public sealed class Fixture : IDisposable
         return "unknown:" + name;
     }
 
-    /// <summary>True for files a runner treats as fixtures (not READMEs, vocabularies or checkpoint samples).</summary>
+    /// <summary>
+    /// True for files a runner treats as fixtures (not READMEs, vocabularies, checkpoint samples or safetensors files
+    /// that name no case). A safetensors file whose header cannot be read counts, so that running it reports why.
+    /// </summary>
     public static bool IsFixtureFile(string path)
     {
         var name = System.IO.Path.GetFileName(path);
-        if (name.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)) return true;
-        if (!name.EndsWith(".json", StringComparison.OrdinalIgnoreCase)) return false;
-        var c = CaseOf(path);
-        return !c.StartsWith("unknown:");
+        bool safetensors = name.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase);
+        if (!safetensors && !name.EndsWith(".json", StringComparison.OrdinalIgnoreCase)) return false;
+        try { return !CaseOf(path).StartsWith("unknown:", StringComparison.Ordinal); }
+        catch (Exception) when (safetensors) { return true; }
     }
 
     public static Fixture Load(string path)
