@@ -24,6 +24,7 @@ app.Configure(c =>
         w.AddCommand<WeightsInspectCommand>("inspect").WithDescription("List a checkpoint's tensors and metadata (never executes code from it).");
         w.AddCommand<WeightsFetchCommand>("fetch").WithDescription("Download a preset's official checkpoints into weights/ (progress, resume, SHA-256). The only network access of this tool.");
         w.AddCommand<WeightsListCommand>("list").WithDescription("The official checkpoints of weights/manifest.json, and which are present.");
+        w.AddCommand<TrainTinyCommand>("train-tiny").WithDescription("Train the tiny DiffBIR (preset tiny) on procedural images on the CPU; writes weights/tiny and its recipe.json.");
     });
     c.AddBranch("bench", b =>
     {
