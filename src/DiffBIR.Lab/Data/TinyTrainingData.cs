@@ -59,11 +59,14 @@ public sealed class TinyTrainingData : IDisposable
 
     /// <summary>The LQ version of one image: Eq. 2 with a generator seeded by (seed, index), so any image's LQ can be
     /// remade alone (the held-out set uses the same function).</summary>
-    public static Tensor DegradeOne(Tensor hq, long seed, long index)
+    public static Tensor DegradeOne(Tensor hq, long seed, long index) => DegradeWithSize(hq, seed, index).Lq;
+
+    /// <summary><see cref="DegradeOne"/> and the size ⌊H/r⌋ × ⌊W/r⌋ the image was downsampled to (for a bicubic baseline).</summary>
+    public static (Tensor Lq, int SmallHeight, int SmallWidth) DegradeWithSize(Tensor hq, long seed, long index)
     {
         var rng = new SeededDegradationRandom(((ulong)seed * 0x9E3779B97F4A7C15UL) ^ ((ulong)index + 0xD1B54A32D192ED03UL));
         using var d = Degradation.Degrade(hq, rng);
-        return d.Lq.clamp(0.0, 1.0);
+        return (d.Lq.clamp(0.0, 1.0), d.Parameters.SmallHeight, d.Parameters.SmallWidth);
     }
 
     /// <summary>

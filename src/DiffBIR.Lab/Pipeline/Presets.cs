@@ -148,12 +148,13 @@ public static class Presets
     /// The trained tiny DiffBIR (weights/tiny, made by <c>diffbir-lab weights train-tiny</c>, docs/tiny-preset.md):
     /// VAE, UNet prior, SwinIR stage 1 and IRControlNet trained on procedural images, the v2 schedule, a 128-px
     /// condition; one stage-1 network for every task. It has no text conditioning (trained with the empty prompt),
-    /// so both prompts default to "" and CFG to 1.
+    /// so both prompts default to "" and CFG to 1. Default sampler DDIM: with this model the EDM samplers return
+    /// an image that does not depend on the steps (see docs/tiny-preset.md, known problem).
     /// </summary>
     public static PresetSpec Tiny { get; } = new("tiny", NoiseSchedule.V2, "tiny/unet+vae",
         PerTask("tiny/controlnet", "tiny/controlnet", "tiny/controlnet"),
         PerTask(new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1"), new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1"), new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1")),
-        InferenceDefaults with { PosPrompt = "", NegPrompt = "", CfgScale = 1.0 });
+        InferenceDefaults with { PosPrompt = "", NegPrompt = "", CfgScale = 1.0, Sampler = "ddim" });
 
     /// <summary>Fixture-sized networks with seeded random weights; 2 steps and a 128-px condition (official 512) so a
     /// restore takes seconds on a CPU. Its images are noise: results carry NotATrainedModel. For tests.</summary>
