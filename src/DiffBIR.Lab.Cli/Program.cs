@@ -31,6 +31,7 @@ app.Configure(c =>
         w.AddCommand<WeightsFetchCommand>("fetch").WithDescription("Download a preset's official checkpoints into weights/ (progress, resume, SHA-256). The only network access of this tool.");
         w.AddCommand<WeightsListCommand>("list").WithDescription("The official checkpoints of weights/manifest.json, and which are present.");
         w.AddCommand<FitNiqeCommand>("fit-niqe").WithDescription("Fit the pristine model of the weight-free NIQE (metric niqe-lab) on a folder of HQ images.");
+        w.AddCommand<TrainTinyCommand>("train-tiny").WithDescription("Train the tiny DiffBIR (preset tiny) on procedural images on the CPU; writes weights/tiny and its recipe.json.");
     });
     c.AddBranch("train", t =>
     {

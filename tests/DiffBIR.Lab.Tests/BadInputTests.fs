@@ -79,7 +79,7 @@ type Case =
       Outputs: string list
       NoOutputs: string list }
 
-let private tiny = [ "--version"; "tiny"; "--steps"; "1"; "--sampler"; "ddim"; "--weights"; "no-weights" ]
+let private tiny = [ "--version"; "tiny-random"; "--steps"; "1"; "--sampler"; "ddim"; "--weights"; "no-weights" ]
 let private oneImage dir = Directory.CreateDirectory(Path.Combine(dir, "in")) |> ignore; image (Path.Combine(dir, "in", "a.png")) 16 16
 let private restoreIn extra = [ "restore"; "-i"; "in"; "-o"; "out" ] @ tiny @ extra
 
@@ -294,7 +294,7 @@ let ``restore --batch-size batches images and samples of one size, and equals on
 let ``without --steps the preset's default runs, and the manifest records it`` () =
     use dir = new TempDir()
     oneImage dir.Path
-    let code, out, err = run3 dir.Path [ "restore"; "-i"; "in"; "-o"; "out"; "--version"; "tiny"; "--sampler"; "ddim"; "--weights"; "no-weights" ]
+    let code, out, err = run3 dir.Path [ "restore"; "-i"; "in"; "-o"; "out"; "--version"; "tiny-random"; "--sampler"; "ddim"; "--weights"; "no-weights" ]
     Assert.True((code = 0), out + err)
     let m = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir.Path, "out", "a.json")))
-    m.["settings"].["steps"].GetValue<int>() |> should equal DiffBIR.Lab.Pipeline.Presets.Tiny.Defaults.Steps
+    m.["settings"].["steps"].GetValue<int>() |> should equal DiffBIR.Lab.Pipeline.Presets.TinyRandom.Defaults.Steps

@@ -76,7 +76,7 @@ let ``the demo restores a degraded test card with the tiny preset when no weight
     use dir = new TempDir()
     let code, out = run [ "demo"; "--fixtures"; fixture "checkpoints"; "--output"; dir.Path; "--weights"; dir.File "none" ]
     Assert.True((code = 0), out)
-    out |> should haveSubstring "NOT a trained model"
+    out |> should haveSubstring "trained on procedural images"
     File.Exists(dir.File "restored/testcard_lq.png") |> should be True
     File.Exists(dir.File "restored/testcard_lq.json") |> should be True
     File.ReadAllText(dir.File "manifest.json") |> should haveSubstring "\"restore_exit_code\": 0"

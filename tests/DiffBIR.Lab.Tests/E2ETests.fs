@@ -19,7 +19,7 @@ let private testImage () =
     torch.stack([| y * 8.0f; x * 8.0f; square * 255.0f |], 2).to_type(torch.ScalarType.Byte).unsqueeze(0L)
 
 /// The tiny preset for a task; its only file is the BPE vocabulary, taken from the fixtures folder.
-let private tiny task = Presets.Build("tiny", task, fixturesDir)
+let private tiny task = Presets.Build("tiny-random", task, fixturesDir)
 
 // The e2e_bsr_v2 and v2.0.0/pipeline fixtures (untiled and tiled BSRNet pipelines, the paper-version pipelines with
 // guidance) run once, through ParityTests' per-fixture theory ("fixture matches the official code"): 2–4 minutes of
@@ -62,7 +62,7 @@ let ``the observer sees every stage in order`` () =
 [<InlineData("Fp16")>]
 let ``reduced precision casts the diffusion networks and still restores`` (precision: string) =
     let prec = if precision = "Bf16" then Precision.Bf16 else Precision.Fp16
-    use p = Presets.Build("tiny", "sr", fixturesDir, BuildOptions(Precision = prec))
+    use p = Presets.Build("tiny-random", "sr", fixturesDir, BuildOptions(Precision = prec))
     let dtype = if precision = "Bf16" then torch.ScalarType.BFloat16 else torch.ScalarType.Float16
     p.Pipeline.Cldm.unet.parameters() |> Seq.exists (fun t -> t.dtype = dtype) |> should be True
     p.Pipeline.Cldm.controlnet.parameters() |> Seq.exists (fun t -> t.dtype = dtype) |> should be True
@@ -94,10 +94,11 @@ let ``every preset names its checkpoints, schedule and cleaner per task`` () =
     Presets.V1.ControlNetIds.[RestorationTask.Face] |> should equal "v1_face"
     Presets.V2.PreUpscale RestorationTask.Sr |> should be False
     Presets.V2_1.PreUpscale RestorationTask.Sr |> should be True
-    Presets.Tiny.Defaults.Steps |> should equal 2
+    Presets.TinyRandom.Defaults.Steps |> should equal 2
     for p in Presets.All do
-        p.Defaults.Sampler |> should equal "edm_dpm++_3m_sde"
-        p.Defaults.CfgScale |> should equal 6.0
+        p.Defaults.Sampler |> should equal (if p.Name = "tiny" then "ddim" else "edm_dpm++_3m_sde")
+        // the trained tiny model has no text conditioning: empty prompts, CFG 1
+        p.Defaults.CfgScale |> should equal (if p.Name = "tiny" then 1.0 else 6.0)
     // the manifest knows every checkpoint id the official presets name
     let m = DiffBIR.Lab.Weights.WeightsManifest.Load(Path.Combine(repoRoot, "weights", "manifest.json"))
     for p in [ Presets.V1; Presets.V2; Presets.V2_1 ] do
@@ -117,8 +118,8 @@ let ``missing weights raise an error naming every file and the fetch command`` (
     let ex21 = Assert.Throws<MissingWeightsException>(fun () -> Presets.Build("v2.1", "face", dir.Path) |> ignore)
     ex21.Message |> should haveSubstring "face_swinir_v1.ckpt"
     ex21.Message |> should haveSubstring "diffbir-lab weights fetch v2.1"
-    // tiny needs no file at all: without the vocabulary its random-weight CLIP gets the byte-level tokenizer
-    use tinyWithoutVocab = Presets.Build("tiny", "sr", dir.Path)
+    // tiny-random needs no file at all: without the vocabulary its random-weight CLIP gets the byte-level tokenizer
+    use tinyWithoutVocab = Presets.Build("tiny-random", "sr", dir.Path)
     tinyWithoutVocab.CheckpointPaths |> should be Empty
     tinyWithoutVocab.Pipeline.NotATrainedModel |> should be True
 

@@ -35,7 +35,7 @@ let ``a folder of mixed images is restored with manifests, and a re-run skips wh
     use dir = new TempDir()
     let input = mixedFolder dir
     let out = dir.File "out"
-    let args = [ "restore"; "--input"; input; "--output"; out; "--preset"; "tiny"; "--steps"; "2"; "--sampler"; "spaced"; "--weights"; dir.File "no-weights" ]
+    let args = [ "restore"; "--input"; input; "--output"; out; "--preset"; "tiny-random"; "--steps"; "2"; "--sampler"; "spaced"; "--weights"; dir.File "no-weights" ]
     let code, log = run args
     Assert.True((code = 0), log)
     for stem in [ "alpha"; "photo"; "grey"; "deep16" ] do
@@ -63,7 +63,7 @@ let ``a corrupt image is reported and the others are still restored; the exit co
     ok.SaveAsPng(Path.Combine(input, "good.png"))
     File.WriteAllBytes(Path.Combine(input, "broken.png"), Array.init 300 (fun i -> byte i))
     let out = dir.File "out"
-    let code, log = run [ "restore"; "--input"; input; "--output"; out; "--preset"; "tiny"; "--steps"; "1"; "--sampler"; "ddim" ]
+    let code, log = run [ "restore"; "--input"; input; "--output"; out; "--preset"; "tiny-random"; "--steps"; "1"; "--sampler"; "ddim" ]
     code |> should equal 1
     log |> should haveSubstring "broken.png"
     File.Exists(Path.Combine(out, "good.png")) |> should be True
@@ -85,7 +85,7 @@ let ``guidance options reach the pipeline: wmse with a patch size and a schedule
     use dir = new TempDir()
     use ok = new Image<Rgb24>(16, 16)
     ok.SaveAsPng(dir.File "a.png")
-    let code, log = run [ "restore"; "--input"; dir.File "a.png"; "--output"; dir.File "out"; "--preset"; "tiny"; "--steps"; "2"; "--sampler"; "spaced"
+    let code, log = run [ "restore"; "--input"; dir.File "a.png"; "--output"; dir.File "out"; "--preset"; "tiny-random"; "--steps"; "2"; "--sampler"; "spaced"
                           "--guidance"; "wmse"; "--g-scale"; "0.5"; "--g-patch"; "4"; "--g-schedule"; "linear:0:1" ]
     Assert.True((code = 0), log)
     let m = JsonNode.Parse(File.ReadAllText(dir.File "out/a.json"))

@@ -29,7 +29,7 @@ public sealed class BenchMemoryCommand : Command<BenchMemorySettings>
     /// <summary>The measurement itself (used by the test suite too).</summary>
     public static List<Sample> Measure(int runs, int size, int steps, Action<Sample>? report = null)
     {
-        using var preset = Presets.Build("tiny", "sr", Path.Combine(Path.GetTempPath(), "diffbir-lab-no-weights"), new BuildOptions { Upscale = 4 });
+        using var preset = Presets.Build("tiny-random", "sr", Path.Combine(Path.GetTempPath(), "diffbir-lab-no-weights"), new BuildOptions { Upscale = 4 });
         using var lq = torch.randint(0, 256, new long[] { 1, size, size, 3 }, ScalarType.Byte, generator: new Generator(7));
         var samples = new List<Sample>();
         for (int i = 1; i <= runs; i++)

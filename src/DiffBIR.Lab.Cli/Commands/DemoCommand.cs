@@ -29,8 +29,9 @@ public sealed class DemoSettings : CommandSettings
 
 /// <summary>
 /// The README's main job: restores a degraded test card with the best preset whose weights are present (v2.1, v2, v1),
-/// or with the built-in tiny preset when weights/ is empty (random weights: it exercises the whole pipeline, it is
-/// not a trained model, and says so), then runs the parity runner over every fixture.
+/// or with the built-in tiny preset when weights/ has none (the tiny DiffBIR of weights/tiny, trained on procedural
+/// images by this project: real behaviour in seconds on a CPU, not a model for photos), then runs the parity runner
+/// over every fixture.
 /// </summary>
 public sealed class DemoCommand : Command<DemoSettings>
 {

@@ -23,7 +23,7 @@ public sealed class RestoreSettings : CommandSettings
     public string Output { get; set; } = "";
     [CommandOption("--task <TASK>")] [Description("sr (blind super-resolution), face (aligned faces) or denoise. Default sr.")]
     public string Task { get; set; } = "sr";
-    [CommandOption("--version|--preset <PRESET>")] [Description("v1, v2, v2.1, tiny or custom. Default: v2.1 when its weights are present, else tiny.")]
+    [CommandOption("--version|--preset <PRESET>")] [Description("v1, v2, v2.1, tiny (trained on procedural images, weights/tiny), tiny-random or custom. Default: v2.1 when its weights are present, else tiny.")]
     public string? Preset { get; set; }
     [CommandOption("--upscale <X>")] [Description("Output scale relative to the input (default 4 for sr, 1 otherwise).")]
     public double? Upscale { get; set; }
@@ -38,13 +38,15 @@ public sealed class RestoreSettings : CommandSettings
 
     [CommandOption("--sampler <NAME>")] [Description("spaced, ddim, dpm++_m2, edm_euler, edm_euler_a, edm_heun, edm_dpm_2, edm_dpm_2_a, edm_lms, edm_dpm++_2s_a, edm_dpm++_sde, edm_dpm++_2m, edm_dpm++_2m_sde, edm_dpm++_3m_sde (default).")]
     public string Sampler { get; set; } = "edm_dpm++_3m_sde";
-    [CommandOption("--steps <N>")] [Description("Sampling steps (default: the preset's — 10, the official default; tiny 2).")]
+    [CommandOption("--steps <N>")] [Description("Sampling steps (default: the preset's — 10, the official default; tiny-random 2).")]
     public int? Steps { get; set; }
-    [CommandOption("--cfg <SCALE>")] [Description("Classifier-free guidance scale (default 6).")]
-    public double Cfg { get; set; } = 6.0;
+    [CommandOption("--cfg <SCALE>")] [Description("Classifier-free guidance scale (default: the preset's — 6, the official default; tiny 1).")]
+    public double? Cfg { get; set; }
     [CommandOption("--rescale-cfg")] public bool RescaleCfg { get; set; }
-    [CommandOption("--pos-prompt <TEXT>")] public string PosPrompt { get; set; } = PipelineOptions.DefaultPosPrompt;
-    [CommandOption("--neg-prompt <TEXT>")] public string NegPrompt { get; set; } = PipelineOptions.DefaultNegPrompt;
+    [CommandOption("--pos-prompt <TEXT>")] [Description("Positive prompt (default: the preset's — the official one; tiny \"\", it has no text conditioning).")]
+    public string? PosPrompt { get; set; }
+    [CommandOption("--neg-prompt <TEXT>")] [Description("Negative prompt (default: the preset's — the official one; tiny \"\").")]
+    public string? NegPrompt { get; set; }
     [CommandOption("--strength <S>")] [Description("Control strength (default 1).")]
     public double Strength { get; set; } = 1.0;
     [CommandOption("--noise-aug <T>")] public int NoiseAug { get; set; }
@@ -234,8 +236,8 @@ public sealed class RestoreCommand : Command<RestoreSettings>
 
     static PipelineOptions MakeOptions(RestoreSettings s, RestorationGuidance? guidance, long seed) => new()
     {
-        Steps = s.Steps ?? 10, Strength = s.Strength, Sampler = s.Sampler, CfgScale = s.Cfg, RescaleCfg = s.RescaleCfg,
-        PosPrompt = s.PosPrompt, NegPrompt = s.NegPrompt, NoiseAug = s.NoiseAug,
+        Steps = s.Steps ?? 10, Strength = s.Strength, Sampler = s.Sampler, CfgScale = s.Cfg ?? 6.0, RescaleCfg = s.RescaleCfg,
+        PosPrompt = s.PosPrompt ?? PipelineOptions.DefaultPosPrompt, NegPrompt = s.NegPrompt ?? PipelineOptions.DefaultNegPrompt, NoiseAug = s.NoiseAug,
         StartPointType = s.StartPoint == "cond" ? Pipeline.StartPoint.Cond : Pipeline.StartPoint.Noise,
         SChurn = s.SChurn, STmin = s.STmin, STmax = s.STmax, SNoise = s.SNoise, Eta = s.Eta, Order = s.Order,
         CleanerTiled = s.CleanerTiled, CleanerTileSize = s.CleanerTileSize, CleanerTileStride = s.CleanerTileStride,
@@ -254,6 +256,9 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         var presetName = ChoosePreset(s);
         var spec = Presets.Get(presetName);
         s.Steps ??= spec.Defaults.Steps;          // the preset's default unless given; the manifest records the effective value
+        s.Cfg ??= spec.Defaults.CfgScale;
+        s.PosPrompt ??= spec.Defaults.PosPrompt;
+        s.NegPrompt ??= spec.Defaults.NegPrompt;
         var task = Presets.ParseTask(s.Task);
         double upscale = s.Upscale ?? (task == RestorationTask.Sr ? 4 : 1);
         var guidance = MakeGuidance(s);
@@ -298,7 +303,8 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                 : null,
         };
         AnsiConsole.MarkupLine($"preset [bold]{presetName}[/], task {s.Task}, ×{upscale}, sampler {Markup.Escape(s.Sampler)} {s.Steps} steps, cfg {s.Cfg}, guidance {s.Guidance}, {s.Precision} on {s.Device}, {threads} threads");
-        if (presetName == "tiny") AnsiConsole.MarkupLine("[yellow]tiny preset: random fixture-sized networks, NOT a trained model — outputs only exercise the pipeline[/]");
+        if (presetName == "tiny-random") AnsiConsole.MarkupLine("[yellow]tiny-random preset: random fixture-sized networks, NOT a trained model — outputs only exercise the pipeline[/]");
+        if (presetName == "tiny") AnsiConsole.MarkupLine("[yellow]tiny preset: a tiny DiffBIR trained on procedural images (weights/tiny) — for experiments, not for photos[/]");
 
         Directory.CreateDirectory(s.Output);
         using var preset = Presets.Build(presetName, s.Task, s.Weights, build);
@@ -493,7 +499,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         var result = new SortedDictionary<string, string>(StringComparer.Ordinal);
         foreach (var path in preset.CheckpointPaths)
             result[Path.GetFileName(path)] = Sha256(path);
-        if (result.Count == 0) result["(none)"] = presetName == "tiny" ? "random weights (tiny preset, seeded)" : "none";
+        if (result.Count == 0) result["(none)"] = presetName == "tiny-random" ? "random weights (tiny-random preset, seeded)" : "none";
         return result;
     }
 

@@ -54,8 +54,11 @@ public sealed record BuildOptions
     public Precision Precision { get; init; } = Precision.Fp32;
     /// <summary>Final upscale (official <c>--upscale</c>, default 4).</summary>
     public double Upscale { get; init; } = 4;
-    /// <summary>Seed of the tiny preset's random weights.</summary>
+    /// <summary>Seed of the tiny-random preset's random weights.</summary>
     public long TinySeed { get; init; } = 1234;
+    /// <summary>Folder of the trained tiny weights (null: weights/tiny of the repository the library runs from, see
+    /// <see cref="Presets.FindTinyWeights"/>).</summary>
+    public string? TinyWeightsDir { get; init; }
     public CustomCheckpoints? Custom { get; init; }
     public Device? Device { get; init; }
 }
@@ -160,14 +163,29 @@ public static class Presets
         PerTask(new CleanerChoice(CleanerKind.SwinIR, "custom"), new CleanerChoice(CleanerKind.SwinIR, "custom"), new CleanerChoice(CleanerKind.SwinIR, "custom")),
         InferenceDefaults);
 
+    /// <summary>
+    /// The trained tiny DiffBIR (weights/tiny, made by <c>diffbir-lab weights train-tiny</c>, docs/tiny-preset.md):
+    /// VAE, UNet prior, SwinIR stage 1 and IRControlNet trained on procedural images, the v2 schedule, a 128-px
+    /// condition; one stage-1 network for every task. It has no text conditioning (trained with the empty prompt),
+    /// so both prompts default to "" and CFG to 1. Default sampler DDIM: with this model the EDM samplers return
+    /// an image that does not depend on the steps (see docs/tiny-preset.md, known problem).
+    /// </summary>
+    public static PresetSpec Tiny { get; } = new("tiny", NoiseSchedule.V2, "tiny/unet+vae",
+        PerTask("tiny/controlnet", "tiny/controlnet", "tiny/controlnet"),
+        PerTask(new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1"), new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1"), new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1")),
+        InferenceDefaults with { PosPrompt = "", NegPrompt = "", CfgScale = 1.0, Sampler = "ddim" });
+
     /// <summary>Fixture-sized networks with seeded random weights; 2 steps and a 128-px condition (official 512) so a
-    /// restore takes seconds on a CPU. Its images are noise: results carry NotATrainedModel.</summary>
-    public static PresetSpec Tiny { get; } = new("tiny", NoiseSchedule.V2, null,
+    /// restore takes seconds on a CPU. Its images are noise: results carry NotATrainedModel. For tests.</summary>
+    public static PresetSpec TinyRandom { get; } = new("tiny-random", NoiseSchedule.V2, null,
         PerTask("random", "random", "random"),
         PerTask(new CleanerChoice(CleanerKind.BSRNet, "random"), new CleanerChoice(CleanerKind.SwinIR, "random"), new CleanerChoice(CleanerKind.SCUNet, "random")),
         InferenceDefaults with { Steps = 2 }, NotATrainedModel: true);
 
-    public static IReadOnlyList<PresetSpec> All { get; } = new[] { V1, V2, V2_1, Custom, Tiny };
+    public static IReadOnlyList<PresetSpec> All { get; } = new[] { V1, V2, V2_1, Custom, Tiny, TinyRandom };
+
+    /// <summary>Whether a preset is one of the two tiny ones (128-px condition, no official files).</summary>
+    public static bool IsTiny(string presetName) => presetName is "tiny" or "tiny-random";
 
     public static PresetSpec Get(string name) => All.FirstOrDefault(p => p.Name == name)
         ?? throw new ArgumentException($"unknown preset '{name}' (known: {string.Join(", ", All.Select(p => p.Name))})");
@@ -180,7 +198,7 @@ public static class Presets
         PipelineOptions? options = null, double maxMegapixels = PipelineChecks.DefaultMaxMegapixels)
     {
         if (!double.IsFinite(upscale) || upscale <= 0) throw new OptionException("--upscale", $"must be a finite number above 0 (got {upscale})");
-        int shortEdge = preset.Name == "tiny" ? TinyConditionShortEdge : 512;
+        int shortEdge = IsTiny(preset.Name) ? TinyConditionShortEdge : 512;
         // Both branches give the final size h·s × w·s: the loop's Pillow pre-upscale, or BSRNet's set_output_size.
         var plan = PipelineChecks.Plan(Math.Floor(h * upscale), Math.Floor(w * upscale), shortEdge);
         return PipelineChecks.CheckSizes(plan, h, w, what, options, maxMegapixels);
@@ -220,9 +238,11 @@ public static class Presets
     public static PresetPipeline Build(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions? options = null)
     {
         var o = options ?? new BuildOptions();
+        IReadOnlyList<string> tinyFiles = Array.Empty<string>();
         RestorationPipeline pipe = preset.Name switch
         {
-            "tiny" => BuildTiny(preset, task, weightsDir, o),
+            "tiny" => BuildTinyTrained(preset, o, out tinyFiles),
+            "tiny-random" => BuildTiny(preset, task, weightsDir, o),
             "custom" => BuildCustom(preset, task, weightsDir, o),
             _ => BuildOfficial(preset, task, weightsDir, o),
         };
@@ -236,7 +256,8 @@ public static class Presets
         var vocab = Path.Combine(weightsDir, BpeVocabFile);
         IEnumerable<string> files = preset.Name switch
         {
-            "tiny" => new[] { vocab }.Where(File.Exists),
+            "tiny" => tinyFiles,
+            "tiny-random" => new[] { vocab }.Where(File.Exists),
             "custom" => new[] { o.Custom!.SdPath, o.Custom.CleanerPath, o.Custom.ControlNetPath, vocab },
             _ => WeightsManifest.Load(FindManifest()).FilesFor(preset.Name, TaskName(task)).Select(f => Path.Combine(weightsDir, f.File)),
         };
@@ -247,7 +268,7 @@ public static class Presets
     {
         var path = Path.Combine(weightsDir, BpeVocabFile);
         if (!File.Exists(path))
-            throw new MissingWeightsException(weightsDir, preset, new[] { BpeVocabFile }, preset is "tiny" or "custom" ? "v2" : preset);
+            throw new MissingWeightsException(weightsDir, preset, new[] { BpeVocabFile }, IsTiny(preset) || preset == "custom" ? "v2" : preset);
         return new ClipTokenizer(path);
     }
 
@@ -309,8 +330,9 @@ public static class Presets
         return new RestorationPipeline(cleaner, cldm, c.Schedule ?? preset.Schedule);
     }
 
-    /// <summary>Short edge of the tiny preset's condition image (official: 512). Lowered so a random-weight smoke run
-    /// of a 32×32 input works at 128 px and takes seconds; everything else is the official flow.</summary>
+    /// <summary>Short edge of the tiny presets' condition image (official: 512). Lowered so that a 32×32 input works at
+    /// 128 px and takes seconds (the trained tiny model was trained on 64-px crops of 128-px images); everything
+    /// else is the official flow.</summary>
     public const int TinyConditionShortEdge = 128;
 
     static Cleaner MakeCleaner(CleanerKind kind, double upscale, bool? tiny) => kind switch
@@ -324,6 +346,65 @@ public static class Presets
         _ => new SCUNetCleaner(new SCUNet(tiny == true ? new SCUNetConfig(Blocks: new[] { 2, 2, 0, 0, 0, 2, 2 }, Dim: 64) : SCUNetConfig.Full))
             { ConditionShortEdge = tiny == true ? TinyConditionShortEdge : 512 },
     };
+
+    /// <summary>
+    /// weights/tiny with its recipe.json: <see cref="BuildOptions.TinyWeightsDir"/>, else the folder found by walking
+    /// up from this library's assembly, then from the program's folder (so the repository's weights are found
+    /// whatever the working directory: CLI, tests, notebooks referencing the built DLL).
+    /// </summary>
+    public static string FindTinyWeights(string? explicitDir = null)
+    {
+        if (explicitDir is not null)
+            return File.Exists(Path.Combine(explicitDir, Training.TinyRecipe.RecipeFile)) ? explicitDir
+                : throw new MissingWeightsException(explicitDir, "tiny", new[] { Training.TinyRecipe.RecipeFile }.Concat(Training.TinyRecipe.WeightFiles).ToList(), "tiny");
+        var starts = new[] { Path.GetDirectoryName(typeof(Presets).Assembly.Location), AppContext.BaseDirectory }.Where(d => !string.IsNullOrEmpty(d));
+        foreach (var start in starts)
+            for (var d = new DirectoryInfo(start!); d is not null; d = d.Parent)
+            {
+                var p = Path.Combine(d.FullName, "weights", "tiny");
+                if (File.Exists(Path.Combine(p, Training.TinyRecipe.RecipeFile))) return p;
+            }
+        throw new FileNotFoundException("preset 'tiny': weights/tiny/recipe.json not found above the program's folder; " +
+            "regenerate the weights with scripts/train-tiny.sh (diffbir-lab weights train-tiny) or use --version tiny-random");
+    }
+
+    /// <summary>
+    /// The trained tiny model: reads recipe.json (latent scale, SHA-256 of each file), checks every file's SHA-256
+    /// (a mismatch names the file, both hashes and how to regenerate), loads VAE, UNet, IRControlNet and SwinIR
+    /// strictly (float16 on disk → float32), and regenerates the frozen random CLIP from its seed.
+    /// </summary>
+    static RestorationPipeline BuildTinyTrained(PresetSpec preset, BuildOptions o, out IReadOnlyList<string> files)
+    {
+        var dir = FindTinyWeights(o.TinyWeightsDir);
+        var recipePath = Path.Combine(dir, Training.TinyRecipe.RecipeFile);
+        var recipe = JsonNode.Parse(File.ReadAllText(recipePath)) ?? throw new CheckpointException(recipePath, "empty recipe");
+        var missing = Training.TinyRecipe.WeightFiles.Where(f => !File.Exists(Path.Combine(dir, f))).ToList();
+        if (missing.Count > 0) throw new MissingWeightsException(dir, "tiny", missing, "tiny (regenerate with scripts/train-tiny.sh)");
+        foreach (var f in Training.TinyRecipe.WeightFiles)
+        {
+            var expected = (string?)recipe["sha256"]?[f] ?? throw new CheckpointException(recipePath, $"no SHA-256 for {f}");
+            var actual = Training.TinyRecipe.Sha256(Path.Combine(dir, f));
+            if (!string.Equals(expected, actual, StringComparison.OrdinalIgnoreCase))
+                throw new CheckpointException(Path.Combine(dir, f), $"SHA-256 {actual} differs from {expected} in {Training.TinyRecipe.RecipeFile}; " +
+                    "the file is damaged or from another run: restore it from git or regenerate all with scripts/train-tiny.sh");
+        }
+        double scale = (double?)recipe["model"]?["latent_scale_factor"] ?? throw new CheckpointException(recipePath, "no model.latent_scale_factor");
+        var cldm = Training.TinyRecipe.NewCldm(scale);
+        void Load(nn.Module m, string file)
+        {
+            using var sd = Checkpoint.Load(Path.Combine(dir, file));
+            StateDictLoader.Load(m, sd.Tensors, strict: true, sourceName: Path.Combine(dir, file));
+        }
+        Load(cldm.vae, "vae.safetensors");
+        Load(cldm.unet, "unet.safetensors");
+        Load(cldm.controlnet, "controlnet.safetensors");
+        cldm.eval();
+        var cleaner = new SwinIRCleaner(new SwinIR(Training.TinyRecipe.Stage1Config)) { ConditionShortEdge = TinyConditionShortEdge };
+        Load(cleaner.Network, "stage1.safetensors");
+        cleaner.Network.eval();
+        files = Training.TinyRecipe.WeightFiles.Select(f => Path.Combine(dir, f)).Append(recipePath).ToList();
+        return new RestorationPipeline(cleaner, cldm, preset.Schedule);
+    }
 
     static RestorationPipeline BuildTiny(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions o)
     {

@@ -1,0 +1,389 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Security.Cryptography;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using DiffBIR.Lab.Checkpoints;
+using DiffBIR.Lab.Data;
+using DiffBIR.Lab.Diffusion;
+using DiffBIR.Lab.IO;
+using DiffBIR.Lab.Models;
+using DiffBIR.Lab.Models.Clip;
+using DiffBIR.Lab.Models.Stage1;
+using DiffBIR.Lab.Pipeline;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace DiffBIR.Lab.Training;
+
+/// <summary>Steps, batch, crop and learning rate of one stage of the tiny recipe.</summary>
+/// <param name="Crop">training crop side in px (a multiple of 8, at most the image size)</param>
+public sealed record TinyStage(int Steps, int Batch, int Crop, double LearningRate);
+
+/// <summary>
+/// Settings of <see cref="TinyRecipe.Train"/>. The defaults are the recipe whose weights are committed in
+/// weights/tiny (about 10 minutes with 1 thread on this 2-core machine while it was shared).
+/// </summary>
+public sealed record TinyRecipeOptions
+{
+    public long Seed { get; init; } = 2026;
+    /// <summary>torch intra-op threads (fixed for the run: results depend on it).</summary>
+    public int Threads { get; init; } = 1;
+    /// <summary>Training images (procedural indices 0 … N − 1) and their size.</summary>
+    public int Images { get; init; } = 512;
+    public int ImageSize { get; init; } = 128;
+    public TinyStage Vae { get; init; } = new(1000, 4, 32, 1e-3);
+    public TinyStage Prior { get; init; } = new(1000, 8, 64, 1e-3);
+    public TinyStage Stage1 { get; init; } = new(500, 4, 64, 1e-3);
+    public TinyStage Stage2 { get; init; } = new(400, 4, 64, 5e-4);
+    /// <summary>Log the mean loss every this many steps.</summary>
+    public int LogEvery { get; init; } = 100;
+
+    /// <summary>The recipe with <paramref name="steps"/> steps per stage on <paramref name="images"/> images (tests, smoke runs).</summary>
+    public static TinyRecipeOptions Short(int steps, int images = 8, long seed = 2026)
+    {
+        var d = new TinyRecipeOptions();
+        return d with
+        {
+            Seed = seed, Images = images, LogEvery = Math.Max(1, Math.Min(steps, 10)),
+            Vae = d.Vae with { Steps = steps, Batch = 2 }, Prior = d.Prior with { Steps = steps, Batch = 2 },
+            Stage1 = d.Stage1 with { Steps = steps, Batch = 2 }, Stage2 = d.Stage2 with { Steps = steps, Batch = 2 },
+        };
+    }
+}
+
+/// <summary>What <see cref="TinyRecipe.Train"/> wrote and measured.</summary>
+public sealed record TinyRecipeResult(IReadOnlyDictionary<string, string> Sha256, IReadOnlyDictionary<string, double> FinalLosses,
+    double LatentScaleFactor, double WallSeconds, string RecipePath);
+
+/// <summary>
+/// The recipe of the trained tiny DiffBIR (preset <c>tiny</c>), made entirely by this project's training code on a
+/// CPU: (1) the KL-f8 VAE (<see cref="VaeTrainer"/>) on procedural images; its latent scale factor = 1 / std of the
+/// posterior means (the LDM convention); (2) the UNet as an ε-prediction latent diffusion prior with the v2 schedule
+/// (<see cref="PriorTrainer"/>), empty prompt through the frozen CLIP; (3) stage 1, a small SwinIR, on Eq. 2 pairs
+/// (<see cref="Stage1Trainer"/>); (4) the IRControlNet initialised from the UNet (<see cref="Stage2Trainer"/>).
+/// The tiny CLIP text encoder is never trained: its weights are regenerated at load time from
+/// <see cref="ClipSeed"/> (deterministic on the CPU), so its 49408×32 token table (6.3 MB) is not committed.
+/// Same options (seed, threads) on the same machine → byte-identical safetensors.
+/// </summary>
+public static class TinyRecipe
+{
+    /// <summary>Seed of the frozen random CLIP (Presets.RandomInit), shared by training and the preset.</summary>
+    public const long ClipSeed = 77;
+    /// <summary>The prompt the tiny model is trained with (and the preset's default): it has no text conditioning.</summary>
+    public const string Prompt = "";
+    public const string RecipeFile = "recipe.json";
+    public static readonly string[] WeightFiles = { "vae.safetensors", "unet.safetensors", "controlnet.safetensors", "stage1.safetensors" };
+
+    /// <summary>The stage-1 network of the trained tiny model: SwinIR as the released v1 one (pixel-unshuffle 8,
+    /// nearest+conv upsampler), 32 channels, 2 stages of 2 blocks, no DropPath.</summary>
+    public static SwinIRConfig Stage1Config { get; } = new(ImgSize: 16, EmbedDim: 32, Depths: new[] { 2, 2 }, NumHeads: new[] { 2, 2 },
+        WindowSize: 8, MlpRatio: 2, Sf: 8, Upsampler: "nearest+conv", Unshuffle: true, UnshuffleScale: 8, DropPathRate: 0);
+
+    /// <summary>
+    /// The ControlLDM of the trained tiny model: the fixtures' tiny config (UNet/ControlNet 32 ch, channel_mult [1, 2];
+    /// CLIP 3 layers × 32) with a VAE of 32 channels at every level (ch_mult [1, 1, 1, 1]: the weights must fit 5 MB)
+    /// and its own latent scale.
+    /// </summary>
+    public static ControlLdmConfig CldmConfig(double latentScaleFactor) =>
+        ControlLdmConfig.FromJson(JsonNode.Parse(CldmJson)!) with { LatentScaleFactor = latentScaleFactor };
+
+    /// <summary>The architecture as a config JSON (latent_scale_factor left at SD's; recipe.json has the trained one).</summary>
+    public static string CldmJson { get; } = Presets.TinyCldmJson.Replace("\"ch_mult\": [1, 1, 2, 2]", "\"ch_mult\": [1, 1, 1, 1]", StringComparison.Ordinal);
+
+    /// <summary>The tiny ControlLDM with the frozen random CLIP (byte-level tokenizer: the empty prompt needs no vocabulary).</summary>
+    public static ControlLDM NewCldm(double latentScaleFactor)
+    {
+        var cldm = new ControlLDM(CldmConfig(latentScaleFactor), ClipTokenizer.ByteLevel());
+        Presets.RandomInit(cldm.clip, ClipSeed);
+        return cldm;
+    }
+
+    /// <summary>
+    /// Initialisation for training from scratch with an explicit generator (not torch's global one, so that a run
+    /// does not depend on what else the process draws): conv and linear weights and biases U(±1/√fan_in) (torch's
+    /// default), norm layers weight 1 and bias 0 (TorchSharp leaves GroupNorm uninitialised), and parameters that
+    /// are all zero after construction (zero_module: UNet out convs, proj_out, ControlNet zero convs) stay zero.
+    /// </summary>
+    public static void InitFromScratch(nn.Module module, long seed)
+    {
+        using var gen = new Generator((ulong)seed, CPU);
+        using var _ = no_grad();
+        foreach (var (_, m) in module.named_modules())
+        {
+            var own = m.named_parameters(recurse: false).ToList();
+            if (own.Count == 0) continue;
+            bool norm = m is GroupNorm or LayerNorm || m.GetType().Name.Contains("Norm", StringComparison.Ordinal);
+            var weight = own.FirstOrDefault(p => p.name == "weight").parameter;
+            long fanIn = weight is not null && weight.dim() >= 2 ? weight.shape.Skip(1).Aggregate(1L, (a, b) => a * b) : 0;
+            foreach (var (name, p) in own)
+            {
+                using var scope = NewDisposeScope();
+                if (norm) { if (name == "weight") p.fill_(1); else if (name == "bias") p.zero_(); continue; }
+                if (p.abs().max().item<float>() == 0) continue;   // zero_module: keep
+                long f = p.dim() >= 2 ? p.shape.Skip(1).Aggregate(1L, (a, b) => a * b) : fanIn;
+                if (f == 0)
+                {
+                    // Other tables (SwinIR's relative position bias, embeddings): N(0, 0.02²) as trunc_normal_(std=.02).
+                    p.copy_(randn(p.shape, ScalarType.Float32, CPU, generator: gen).mul(0.02).to(p.dtype));
+                    continue;
+                }
+                double bound = 1 / Math.Sqrt(f);
+                p.copy_(rand(p.shape, ScalarType.Float32, CPU, generator: gen).mul(2 * bound).sub(bound).to(p.dtype));
+            }
+        }
+    }
+
+    /// <summary>Runs the whole recipe and writes weights and recipe.json into <paramref name="outDir"/>.</summary>
+    public static TinyRecipeResult Train(string outDir, TinyRecipeOptions? options = null, Action<string>? log = null, CancellationToken ct = default)
+    {
+        var o = options ?? new TinyRecipeOptions();
+        log ??= _ => { };
+        if (o.Threads < 1) throw new ArgumentOutOfRangeException(nameof(options), o.Threads, "threads must be ≥ 1");
+        torch.set_num_threads(o.Threads);
+        var wall = Stopwatch.StartNew();
+        var stageSeconds = new Dictionary<string, double>();
+        var finals = new Dictionary<string, double>();
+        Directory.CreateDirectory(outDir);
+
+        using var data = new TinyTrainingData(o.Seed, o.Images, o.ImageSize, log);
+        stageSeconds["data"] = wall.Elapsed.TotalSeconds;
+        log($"data: {o.Images} procedural images of {o.ImageSize} px with Eq. 2 LQ versions ({stageSeconds["data"]:F0} s)");
+
+        using var draws = new SeededTrainingDraws(o.Seed + 1);
+        var schedule = NoiseSchedule.V2;
+        var cldm = NewCldm(1.0);
+        InitFromScratch(cldm.vae, o.Seed + 10);
+        // The posterior starts narrow (log σ² = −6, σ ≈ 0.05) instead of σ ≈ 1: with a few hundred steps the decoder
+        // would otherwise spend them learning to ignore unit-variance noise; the small KL then keeps σ in check.
+        using (no_grad())
+        {
+            var qb = cldm.vae.named_parameters().First(p => p.name == "quant_conv.bias").parameter;
+            long c = qb.shape[0] / 2;
+            qb[TensorIndex.Slice(c, null)].fill_(-6.0);
+        }
+        InitFromScratch(cldm.unet, o.Seed + 11);
+        var stage1 = new SwinIR(Stage1Config);
+        InitFromScratch(stage1, o.Seed + 12);
+
+        // (1) VAE.
+        {
+            var sw = Stopwatch.StartNew();
+            using var opt = VaeTrainer.CreateOptimizer(cldm.vae, o.Vae.LearningRate);
+            var window = new List<double>();
+            for (int step = 1; step <= o.Vae.Steps; step++)
+            {
+                ct.ThrowIfCancellationRequested();
+                using var scope = NewDisposeScope();
+                var (hq, _) = data.Sample(o.Vae.Batch, o.Vae.Crop);
+                var l = VaeTrainer.Step(cldm.vae, hq * 2 - 1, opt, draws);
+                window.Add(l.Loss);
+                if (step % o.LogEvery == 0 || step == o.Vae.Steps)
+                {
+                    log(Invariant($"vae    step {step,5}/{o.Vae.Steps}: loss {window.Average():F5} (last: L1 {l.L1:F4}, MSE {l.Mse:F5}, KL {l.Kl:F3}) {sw.Elapsed.TotalSeconds:F0} s"));
+                    finals["vae"] = window.Average(); window.Clear();
+                }
+            }
+            stageSeconds["vae"] = sw.Elapsed.TotalSeconds;
+        }
+        cldm.vae.eval();
+        foreach (var p in cldm.vae.parameters()) p.requires_grad = false;
+
+        // Latent scale: 1 / std of the posterior means of the training images (LDM's scale_by_std), 4 significant digits.
+        Tensor means, stds;
+        using (no_grad())
+        {
+            var m = new List<Tensor>(); var s = new List<Tensor>();
+            for (int i = 0; i < o.Images; i += 32)
+            {
+                using var scope = NewDisposeScope();
+                using var x = data.Hq[TensorIndex.Slice(i, Math.Min(i + 32, o.Images))] * 2 - 1;
+                using var post = cldm.vae.Encode(x);
+                m.Add(post.Mean.clone().MoveToOuterDisposeScope()); s.Add(post.Std.clone().MoveToOuterDisposeScope());
+            }
+            means = cat(m); stds = cat(s);
+            foreach (var t in m.Concat(s)) t.Dispose();
+        }
+        double latentStd = means.std().item<float>();
+        double scale = double.Parse((1 / latentStd).ToString("G4", CultureInfo.InvariantCulture), CultureInfo.InvariantCulture);
+        log(Invariant($"latent scale factor 1/std = {scale}"));
+        // The ControlLDM's config carries the scale (VaeEncode/VaeDecode use it): rebuild around the trained VAE.
+        var trained = NewCldm(scale);
+        CopyInto(trained.vae, cldm.vae);
+        CopyInto(trained.unet, cldm.unet);
+        cldm.Dispose();
+        cldm = trained;
+        cldm.vae.eval();
+        foreach (var p in cldm.vae.parameters()) p.requires_grad = false;
+        foreach (var p in cldm.clip.parameters()) p.requires_grad = false;
+        cldm.clip.eval();
+        Tensor context;
+        using (no_grad()) context = cldm.clip.Encode(new[] { Prompt });
+
+        // (2) The UNet prior on latents of whole images (posterior samples).
+        {
+            var sw = Stopwatch.StartNew();
+            using var opt = PriorTrainer.CreateOptimizer(cldm.unet, o.Prior.LearningRate);
+            var window = new List<double>();
+            int cells = (o.ImageSize - o.Prior.Crop) / 8 + 1, lc = o.Prior.Crop / 8;
+            for (int step = 1; step <= o.Prior.Steps; step++)
+            {
+                ct.ThrowIfCancellationRequested();
+                using var scope = NewDisposeScope();
+                var idx = data.SampleIndices(o.Prior.Batch);
+                using var it = tensor(idx);
+                var mu = means.index_select(0, it);
+                var sd = stds.index_select(0, it);
+                var eps = draws.Randn(mu.shape, ScalarType.Float32, CPU, "prior_posterior_noise");
+                var z = (mu + sd * eps) * scale;
+                if (cells > 1)
+                {
+                    // Aligned latent crops (the latent of a crop ≈ the crop of the latent away from the borders).
+                    var offs = data.SampleIndices(2).Select(v => (v % cells)).ToArray();
+                    z = z[.., .., TensorIndex.Slice(offs[0], offs[0] + lc), TensorIndex.Slice(offs[1], offs[1] + lc)];
+                }
+                window.Add(PriorTrainer.Step(cldm.unet, schedule, z, context, opt, draws));
+                if (step % o.LogEvery == 0 || step == o.Prior.Steps)
+                {
+                    log(Invariant($"prior  step {step,5}/{o.Prior.Steps}: loss {window.Average():F5} {sw.Elapsed.TotalSeconds:F0} s"));
+                    finals["prior"] = window.Average(); window.Clear();
+                }
+            }
+            stageSeconds["prior"] = sw.Elapsed.TotalSeconds;
+        }
+        means.Dispose(); stds.Dispose();
+
+        // (3) Stage 1 on Eq. 2 pairs.
+        {
+            var sw = Stopwatch.StartNew();
+            using var opt = Stage1Trainer.CreateOptimizer(stage1, o.Stage1.LearningRate);
+            var window = new List<double>();
+            for (int step = 1; step <= o.Stage1.Steps; step++)
+            {
+                ct.ThrowIfCancellationRequested();
+                using var scope = NewDisposeScope();
+                var (hq, lq) = data.Sample(o.Stage1.Batch, o.Stage1.Crop);
+                using var r = Stage1Trainer.Step(stage1, (hq * 2 - 1).permute(0, 2, 3, 1), lq.permute(0, 2, 3, 1), opt, draws);
+                // Report the mean squared error per pixel (the official loss is its sum).
+                window.Add(r.Loss.item<float>() / hq.numel());
+                if (step % o.LogEvery == 0 || step == o.Stage1.Steps)
+                {
+                    log(Invariant($"stage1 step {step,5}/{o.Stage1.Steps}: MSE/pixel {window.Average():F5} {sw.Elapsed.TotalSeconds:F0} s"));
+                    finals["stage1"] = window.Average(); window.Clear();
+                }
+            }
+            stageSeconds["stage1"] = sw.Elapsed.TotalSeconds;
+        }
+        stage1.eval();
+        foreach (var p in stage1.parameters()) p.requires_grad = false;
+
+        // (4) IRControlNet from the UNet.
+        cldm.unet.eval();
+        cldm.controlnet.LoadFromUNet(cldm.unet);
+        {
+            var sw = Stopwatch.StartNew();
+            Stage2Trainer.Prepare(cldm);
+            using var opt = Stage2Trainer.CreateOptimizer(cldm, o.Stage2.LearningRate);
+            var prompts = Enumerable.Repeat(Prompt, o.Stage2.Batch).ToArray();
+            var window = new List<double>();
+            for (int step = 1; step <= o.Stage2.Steps; step++)
+            {
+                ct.ThrowIfCancellationRequested();
+                using var scope = NewDisposeScope();
+                var (hq, lq) = data.Sample(o.Stage2.Batch, o.Stage2.Crop);
+                using var r = Stage2Trainer.Step(cldm, stage1, schedule, 0, (hq * 2 - 1).permute(0, 2, 3, 1), lq.permute(0, 2, 3, 1),
+                    prompts, opt, draws);
+                window.Add(r.Loss.item<float>());
+                if (step % o.LogEvery == 0 || step == o.Stage2.Steps)
+                {
+                    log(Invariant($"stage2 step {step,5}/{o.Stage2.Steps}: loss {window.Average():F5} {sw.Elapsed.TotalSeconds:F0} s"));
+                    finals["stage2"] = window.Average(); window.Clear();
+                }
+            }
+            stageSeconds["stage2"] = sw.Elapsed.TotalSeconds;
+        }
+        context.Dispose();
+
+        // Weights (official key names per component) and the recipe.
+        var modules = new (string File, nn.Module Module)[]
+        {
+            ("vae.safetensors", cldm.vae), ("unet.safetensors", cldm.unet), ("controlnet.safetensors", cldm.controlnet), ("stage1.safetensors", stage1),
+        };
+        var sha = new Dictionary<string, string>();
+        foreach (var (file, module) in modules)
+        {
+            var path = Path.Combine(outDir, file);
+            SaveFloat16(module, path, new Dictionary<string, string> { ["producer"] = "DiffBIR.Lab tiny recipe", ["seed"] = o.Seed.ToString(CultureInfo.InvariantCulture) });
+            sha[file] = Sha256(path);
+        }
+        wall.Stop();
+        var recipePath = Path.Combine(outDir, RecipeFile);
+        AtomicFile.WriteAllText(recipePath, RecipeJson(o, scale, sha, finals, stageSeconds, wall.Elapsed.TotalSeconds).ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        cldm.Dispose(); stage1.Dispose();
+        log(Invariant($"done in {wall.Elapsed.TotalSeconds:F0} s: {string.Join(", ", sha.Select(kv => $"{kv.Key} {kv.Value[..12]}"))}"));
+        return new TinyRecipeResult(sha, finals, scale, wall.Elapsed.TotalSeconds, recipePath);
+    }
+
+    /// <summary>
+    /// Saves a module's state dict with float parameters stored as float16 (the committed weights must fit 5 MB;
+    /// the preset loads them back into float32 networks, so the model that runs is the fp16-rounded one).
+    /// </summary>
+    public static void SaveFloat16(nn.Module module, string path, IReadOnlyDictionary<string, string> metadata)
+    {
+        using var scope = NewDisposeScope();
+        var sd = module.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.is_floating_point() ? kv.Value.detach().to(ScalarType.Float16).contiguous() : kv.Value.detach().contiguous());
+        SafeTensors.Save(path, sd, new Dictionary<string, string>(metadata) { ["format"] = "pt" });
+    }
+
+    public static string Sha256(string path)
+    {
+        using var f = File.OpenRead(path);
+        return Convert.ToHexString(SHA256.HashData(f)).ToLowerInvariant();
+    }
+
+    static void CopyInto(nn.Module target, nn.Module source)
+    {
+        using var _ = no_grad();
+        var src = source.state_dict();
+        foreach (var (k, v) in target.state_dict()) v.copy_(src[k]);
+    }
+
+    static JsonObject RecipeJson(TinyRecipeOptions o, double scale, Dictionary<string, string> sha, Dictionary<string, double> finals,
+        Dictionary<string, double> seconds, double wallSeconds)
+    {
+        JsonObject Stage(TinyStage s) => new() { ["steps"] = s.Steps, ["batch"] = s.Batch, ["crop"] = s.Crop, ["learning_rate"] = s.LearningRate };
+        JsonObject Nums(Dictionary<string, double> d) => new(d.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)JsonValue.Create(Math.Round(kv.Value, 6)))));
+        return new JsonObject
+        {
+            ["format"] = 1,
+            ["command"] = $"diffbir-lab weights train-tiny --seed {o.Seed} --threads {o.Threads}",
+            ["seed"] = o.Seed,
+            ["threads"] = o.Threads,
+            ["libtorch"] = RunInfo.LibTorchVersion,
+            ["model"] = new JsonObject
+            {
+                ["cldm"] = JsonNode.Parse(CldmJson),
+                ["latent_scale_factor"] = scale,
+                ["stage1"] = "SwinIR img_size 16, embed 32, depths [2, 2], heads [2, 2], window 8, mlp 2, pixel-unshuffle 8, nearest+conv, no DropPath",
+                ["clip"] = $"not trained, not stored: Presets.RandomInit(clip, {ClipSeed}) at load",
+                ["prompt"] = Prompt,
+                ["schedule"] = "v2 (linear-sqrt β, ε-prediction)",
+                ["dtype"] = "float16 on disk, float32 at run time",
+            },
+            ["data"] = new JsonObject
+            {
+                ["family"] = "DiffBIR.Lab.Data.ProceduralImages (docs/tiny-preset.md)",
+                ["images"] = o.Images, ["indices"] = $"0..{o.Images - 1}", ["size"] = o.ImageSize,
+                ["degradation"] = "Eq. 2 (FirstOrderDegradation) with TinyTrainingData.Degradation: blur σ∈[0.1,3] 21 taps, r∈[1,4], δ∈[0,10], q∈[50,100]",
+            },
+            ["stages"] = new JsonObject { ["vae"] = Stage(o.Vae), ["prior"] = Stage(o.Prior), ["stage1"] = Stage(o.Stage1), ["stage2"] = Stage(o.Stage2) },
+            ["final_losses"] = Nums(finals),
+            ["seconds"] = Nums(seconds),
+            ["wall_seconds"] = Math.Round(wallSeconds, 1),
+            ["sha256"] = new JsonObject(sha.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)JsonValue.Create(kv.Value)))),
+        };
+    }
+
+    static string Invariant(FormattableString s) => s.ToString(CultureInfo.InvariantCulture);
+}
