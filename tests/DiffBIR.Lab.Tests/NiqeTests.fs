@@ -179,3 +179,18 @@ let ``weights fit-niqe fits a folder and refuses bad input with one line`` () =
     code |> should equal 2
     text |> should haveSubstring "missing"
     text |> should not' (haveSubstring "   at ")
+
+[<Fact>]
+let ``the committed niqe-lab model prefers held-out procedural HQ images to blurred and noisy copies`` () =
+    use metric = Metric.Get("niqe-lab", Path.Combine(repoRoot, "weights"))
+    let mutable better = 0
+    for i in 0 .. 5 do
+        use img = DiffBIR.Lab.Data.ProceduralImages.Generate(2026L, 1_000_000L + int64 i, 128)
+        let grey = Niqe.GreyLevels img
+        let q = Niqe.Score(grey, NiqeModel.Load(Path.Combine(repoRoot, "weights", NiqeLab.ModelFile)))
+        let viaRegistry = metric.Score(img.unsqueeze 0L).[0]
+        viaRegistry |> should (equalWithin 1e-9) q
+        if Niqe.Score(blur 2.0 grey, NiqeModel.Load(Path.Combine(repoRoot, "weights", NiqeLab.ModelFile))) > q
+           && Niqe.Score(noisy i 15.0 grey, NiqeModel.Load(Path.Combine(repoRoot, "weights", NiqeLab.ModelFile))) > q then
+            better <- better + 1
+    better |> should be (greaterThanOrEqualTo 5)

@@ -13,6 +13,18 @@ public sealed class FitNiqeSettings : CommandSettings
     [Description("Folder of pristine (HQ) images to fit the model on.")]
     public string? Hq { get; set; }
 
+    [CommandOption("--procedural <N>")]
+    [Description("Fit on images 0 … N−1 of the project's procedural HQ family instead (seed --seed, --size px): how the committed model is made.")]
+    public int? Procedural { get; set; }
+
+    [CommandOption("--seed <S>")]
+    [Description("Seed of the procedural family (default 2026, the tiny recipe's).")]
+    public long Seed { get; set; } = 2026;
+
+    [CommandOption("--size <PX>")]
+    [Description("Side of the procedural images (default 128).")]
+    public int Size { get; set; } = 128;
+
     [CommandOption("-o|--output <FILE>")]
     [Description("The model file to write (default weights/niqe_lab.safetensors).")]
     public string Output { get; set; } = Path.Combine("weights", NiqeLab.ModelFile);
@@ -30,9 +42,25 @@ public sealed class FitNiqeCommand : Command<FitNiqeSettings>
 {
     public override int Execute(CommandContext context, FitNiqeSettings s, CancellationToken ct)
     {
-        if (s.Hq is null) throw new ArgumentException("--hq: give the folder of pristine images to fit on");
-        if (!Directory.Exists(s.Hq)) throw new ArgumentException($"--hq: {s.Hq} is not a folder");
         if (s.Block < 8 || s.Block % 2 != 0) throw new ArgumentException($"--block: must be an even number ≥ 8 (got {s.Block})");
+        if (s.Procedural is { } n)
+        {
+            if (s.Hq is not null) throw new ArgumentException("--procedural: give either --hq or --procedural, not both");
+            if (n < 1 || n > 100_000) throw new ArgumentException($"--procedural: must be 1 … 100000 images (got {n})");
+            if (s.Size < s.Block || s.Size > 1024) throw new ArgumentException($"--size: must be {s.Block} … 1024 px (got {s.Size})");
+            var greysP = Enumerable.Range(0, n).Select(i =>
+            {
+                ct.ThrowIfCancellationRequested();
+                using var img = DiffBIR.Lab.Data.ProceduralImages.Generate(s.Seed, i, s.Size);
+                using var u8 = DiffBIR.Lab.IO.ImageIO.ToUInt8(img, Quantization.Round);
+                using var back = DiffBIR.Lab.IO.ImageIO.FromUInt8(u8);
+                return Niqe.GreyLevels(back[0]);
+            });
+            var modelP = Niqe.Fit(greysP, s.Block, $"procedural HQ family: seed {s.Seed}, images 0…{n - 1}, {s.Size} px (diffbir-lab weights fit-niqe --procedural {n} --seed {s.Seed} --size {s.Size} --block {s.Block})");
+            return Write(modelP, s);
+        }
+        if (s.Hq is null) throw new ArgumentException("--hq: give the folder of pristine images to fit on (or --procedural N)");
+        if (!Directory.Exists(s.Hq)) throw new ArgumentException($"--hq: {s.Hq} is not a folder");
         var files = Directory.EnumerateFiles(s.Hq)
             .Where(f => MetricsTable.ImageExtensions.Contains(Path.GetExtension(f).ToLowerInvariant()))
             .OrderBy(f => f, StringComparer.Ordinal).ToList();
@@ -47,6 +75,11 @@ public sealed class FitNiqeCommand : Command<FitNiqeSettings>
             greys.Add(Niqe.GreyLevels(img.Image[0]));
         }
         var model = Niqe.Fit(greys, s.Block, $"{files.Count} images of {Path.GetFullPath(s.Hq)}");
+        return Write(model, s);
+    }
+
+    static int Write(NiqeModel model, FitNiqeSettings s)
+    {
         var dir = Path.GetDirectoryName(Path.GetFullPath(s.Output))!;
         if (!Directory.Exists(dir)) throw new ArgumentException($"-o: the folder {dir} does not exist");
         var tmp = s.Output + ".tmp";
