@@ -38,6 +38,7 @@ app.Configure(c =>
         t.SetDescription("Training (official recipes by default; --tiny for fixture-sized networks on the CPU).");
         t.AddCommand<TrainCommand>("stage1").WithDescription("Train the stage-1 SwinIR on first-order (Eq. 2) pairs: summed MSE, AdamW.");
         t.AddCommand<TrainCommand>("stage2").WithDescription("Train IRControlNet (or --variant v5 / v6) on a frozen SD 2.1 and stage-1 model: ε (v2) or v (v2.1) loss.");
+        t.AddCommand<TrainCommand>("prior").WithDescription("Train the UNet as a latent diffusion prior (VAE and CLIP frozen): ε (v2) or v (v2.1) loss on VAE latents of HQ images.");
     });
     c.AddBranch("bench", b =>
     {

@@ -62,3 +62,52 @@ module Charts =
         |> Chart.withYAxisStyle (TitleText = yName)
         |> Chart.withTitle (sprintf "%s vs %s" yName xName)
         |> Chart.withSize (DefaultWidth, DefaultHeight)
+
+/// Charts of a sweep's results table (rows as written to results.jsonl), for the CLI and notebooks.
+type SweepCharts =
+    static member private Node (row: System.Text.Json.Nodes.JsonObject) (key: string) : System.Text.Json.Nodes.JsonNode =
+        let mutable v : System.Text.Json.Nodes.JsonNode = null
+        if row.TryGetPropertyValue(key, &v) then v else null
+
+    static member private Num (row: System.Text.Json.Nodes.JsonObject) (key: string) : float option =
+        let v = SweepCharts.Node row key
+        if isNull v then None
+        else
+            match v.GetValueKind() with
+            | System.Text.Json.JsonValueKind.Number -> Some(v.GetValue<float>())
+            | System.Text.Json.JsonValueKind.String ->
+                let text : string = v.GetValue<string>()
+                let mutable x = 0.0
+                if System.Double.TryParse(text, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, &x) then Some x else None
+            | _ -> None
+
+    static member private Text (row: System.Text.Json.Nodes.JsonObject) (key: string) : string =
+        let v = SweepCharts.Node row key
+        if isNull v then "–" else v.ToString()
+
+    /// Quality (x, a no-reference metric column) against fidelity (y, e.g. psnr_hq or psnr_irm), one line per
+    /// combination of the <paramref name="seriesBy"/> columns, points ordered and labelled by <paramref name="labelBy"/>
+    /// (e.g. g_scale). Rows without both numbers are left out. None when fewer than two rows qualify.
+    static member QualityFidelity(rows: seq<System.Text.Json.Nodes.JsonObject>, quality: string, fidelity: string,
+                                  seriesBy: string[], labelBy: string) : GenericChart option =
+        let pts =
+            rows
+            |> Seq.choose (fun r ->
+                match SweepCharts.Num r quality, SweepCharts.Num r fidelity with
+                | Some q, Some f ->
+                    let series = seriesBy |> Array.map (fun k -> sprintf "%s=%s" k (SweepCharts.Text r k)) |> String.concat ", "
+                    let order = defaultArg (SweepCharts.Num r labelBy) 0.0
+                    Some(series, q, f, sprintf "%s=%s" labelBy (SweepCharts.Text r labelBy), order)
+                | _ -> None)
+            |> List.ofSeq
+        if pts.Length < 2 then None
+        else
+            Some(Charts.qualityFidelity pts (fun (_, q, _, _, _) -> q) (fun (_, _, f, _, _) -> f) (fun (s, _, _, _, _) -> s)
+                    (fun (_, _, _, l, _) -> l) (fun (_, _, _, _, o) -> o) quality fidelity)
+
+    /// Writes the chart as a standalone HTML page (plotly.js inlined); false when there was nothing to draw.
+    static member SaveQualityFidelity(rows: seq<System.Text.Json.Nodes.JsonObject>, quality: string, fidelity: string,
+                                      seriesBy: string[], labelBy: string, path: string) : bool =
+        match SweepCharts.QualityFidelity(rows, quality, fidelity, seriesBy, labelBy) with
+        | Some c -> Charts.saveHtml path c; true
+        | None -> false

@@ -265,3 +265,30 @@ let ``custom preset: a Variant-6 ControlNet checkpoint builds a Variant-6 model,
     // the trained weights, γ convs included, are what was loaded
     let loaded = p.Pipeline.Cldm.controlnet.state_dict()
     for kv in trainer.Trainable.state_dict() do (kv.Value - loaded.[kv.Key]).abs().max().item<float32>() |> should equal 0.0f
+
+[<Fact>]
+let ``prior: the loss falls over 50 steps and only the UNet learns`` () =
+    use _threads = oneThread ()
+    use dir = new TempDir()
+    let data = makeData (dir.File "hq") 2 false
+    let o = tinyOptions "prior" data "\"steps\": 50, \"batch_size\": 1, \"lr\": 1e-3, \"p_empty\": 0"
+    use trainer = Trainers.Create o
+    trainer.Stage |> should equal "prior"
+    let run = TrainRun(o, dir.File "run", Log = TextWriter.Null)
+    let r = run.Run(trainer, false, CancellationToken.None)
+    let losses = r.Metrics |> Seq.map (fun m -> m.Loss) |> List.ofSeq
+    let first, last = meanOf losses.[0..9], meanOf losses.[40..49]
+    Assert.True(last < 0.8 * first, sprintf "prior: mean loss of steps 1-10 %.4f, of steps 41-50 %.4f: %A" first last losses)
+    // the checkpoint is the UNet's state dict (official key names of the diffusion model)
+    let w = SafeTensors.Load(dir.File "run/checkpoints/step_50.safetensors").Tensors
+    w.Keys |> Seq.exists (fun k -> k.StartsWith "input_blocks.") |> should be True
+    w.Keys |> Seq.exists (fun k -> k.StartsWith "zero_convs.") |> should be False
+
+[<Fact>]
+let ``prior: validation is refused with one line`` () =
+    use dir = new TempDir()
+    let data = makeData (dir.File "hq") 1 false
+    let code, out = CliTests.run [ "train"; "prior"; "--tiny"; "--data"; data; "--val"; data; "-o"; dir.File "run" ]
+    code |> should equal 2
+    out |> should haveSubstring "--val"
+    Directory.Exists(dir.File "run") |> should be False

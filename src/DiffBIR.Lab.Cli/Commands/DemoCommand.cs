@@ -22,6 +22,10 @@ public sealed class DemoSettings : CommandSettings
     [Description("The weights folder (default weights/).")]
     public string Weights { get; set; } = "weights";
 
+    [CommandOption("--no-sweep")]
+    [Description("Skip the guidance sweep (trained tiny preset, 6 points) and its quality–fidelity curve.")]
+    public bool NoSweep { get; set; }
+
     [CommandOption("--no-parity")]
     [Description("Skip the parity run over the fixtures.")]
     public bool NoParity { get; set; }
@@ -31,10 +35,15 @@ public sealed class DemoSettings : CommandSettings
 /// The README's main job: restores a degraded test card with the best preset whose weights are present (v2.1, v2, v1),
 /// or with the built-in tiny preset when weights/ has none (the tiny DiffBIR of weights/tiny, trained on procedural
 /// images by this project: real behaviour in seconds on a CPU, not a model for photos), then runs the parity runner
-/// over every fixture.
+/// over every fixture. Then the lab end to end: a guidance-scale × patch-size sweep with the trained tiny preset, its
+/// results table and its quality–fidelity curve (niqe-lab vs PSNR to HQ).
 /// </summary>
 public sealed class DemoCommand : Command<DemoSettings>
 {
+    static string Num(System.Text.Json.Nodes.JsonObject row, string key) =>
+        row.TryGetPropertyValue(key, out var v) && v is not null && double.TryParse(v.ToString(), System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out var x)
+            ? x.ToString("F2", System.Globalization.CultureInfo.InvariantCulture) : "–";
+
     public override int Execute(CommandContext context, DemoSettings s, CancellationToken ct)
     {
         var sw = System.Diagnostics.Stopwatch.StartNew();
@@ -60,7 +69,37 @@ public sealed class DemoCommand : Command<DemoSettings>
         };
         int restoreCode = new RestoreCommand().Execute(context, restoreSettings, ct);
 
-        // 3. Parity against the official code.
+        // 3. The lab: a guidance sweep on a held-out procedural image with the trained tiny preset (no download):
+        //    3 scales × 2 gradient-map patch sizes, fidelity against HQ, the weight-free niqe-lab as the quality axis.
+        string? sweepDir = null, curve = null;
+        int sweepCode = 0;
+        if (!s.NoSweep)
+        {
+            sweepDir = Path.Combine(s.Output, "sweep");
+            var sweepInput = Path.Combine(s.Output, "sweep-input");
+            Directory.CreateDirectory(sweepInput);
+            string hqPath = Path.Combine(sweepInput, "procedural_hq.png"), lqPath = Path.Combine(sweepInput, "procedural_lq.png");
+            using (var scope = torch.NewDisposeScope())
+            {
+                var hq = DiffBIR.Lab.Data.ProceduralImages.Generate(2026, DiffBIR.Lab.Data.TinyTrainingData.HeldOutStart, 128).unsqueeze(0);
+                var small = DiffBIR.Lab.Pipeline.ImageOps.ResizeBicubic(hq, 32, 32).clamp(0, 1);
+                ImageIO.Save(hqPath, hq, Quantization.Round);
+                ImageIO.Save(lqPath, DiffBIR.Lab.Degradation.FirstOrderDegradation.JpegCompress(small, 60), Quantization.Round);
+            }
+            var spec = DiffBIR.Lab.Sweeps.SweepSpec.On(lqPath, hqPath).WithPreset("tiny", "sr", 4)
+                .Fixed("steps", 4).Fixed("guidance", "wmse").Fixed("seed", 231)
+                .Grid("g_scale", 0.0, 0.01, 0.03).Grid("g_patch", 1, 4)
+                .WithMetrics(DiffBIR.Lab.Metrics.Metric.NiqeLabName);
+            AnsiConsole.MarkupLine("\nsweep: trained tiny preset, guidance scale × patch size on a held-out procedural image:");
+            using var tiny = DiffBIR.Lab.Pipeline.Presets.Build("tiny", "sr", s.Weights);
+            var summary = DiffBIR.Lab.Sweeps.SweepRunner.Run(tiny, spec, sweepDir, new DiffBIR.Lab.Sweeps.SweepRunOptions { WeightsDir = s.Weights, Cancellation = ct });
+            foreach (var r in summary.Rows)
+                AnsiConsole.MarkupLine(Markup.Escape($"  s={r["g_scale"]} patch={r["g_patch"]}: PSNR to HQ {Num(r, "psnr_hq")} dB, to I_RM {Num(r, "psnr_irm")} dB, niqe-lab {Num(r, DiffBIR.Lab.Metrics.Metric.NiqeLabName)}"));
+            curve = SweepCommand.WriteCharts(spec, summary.Rows, sweepDir).FirstOrDefault();
+            sweepCode = summary.Failed > 0 ? 1 : 0;
+        }
+
+        // 4. Parity against the official code.
         List<CaseReport> reports = new();
         if (!s.NoParity && Directory.Exists(s.Fixtures))
         {
@@ -76,13 +115,16 @@ public sealed class DemoCommand : Command<DemoSettings>
             torchsharp = typeof(torch).Assembly.GetName().Version?.ToString(), device = "cpu",
             date = DateTime.UtcNow.ToString("o"), elapsed_seconds = sw.Elapsed.TotalSeconds,
             restore_exit_code = restoreCode,
+            sweep = sweepDir is null ? null : Path.Combine(sweepDir, DiffBIR.Lab.Sweeps.ResultsTable.CsvName), quality_fidelity_curve = curve,
             restored = Path.Combine(restoreSettings.Output, "testcard_lq.png"),
             parity = reports.Select(r => new { @case = r.Case, file = Path.GetFileName(r.File), status = r.Status.ToString(), worst_max_rel = double.IsFinite(r.WorstRel) ? r.WorstRel : (double?)null }),
         };
         var manifestPath = Path.Combine(s.Output, "manifest.json");
         AtomicFile.WriteAllText(manifestPath, JsonSerializer.Serialize(manifest, new JsonSerializerOptions { WriteIndented = true }));
         AnsiConsole.MarkupLine($"\nwrote {Markup.Escape(restoreSettings.Output)}/ and {Markup.Escape(manifestPath)} in {sw.Elapsed.TotalSeconds:F1}s");
-        bool anyFailed = restoreCode != 0 || reports.Any(r => r.Status is CaseStatus.Fail or CaseStatus.Error);
+        if (sweepDir is not null)
+            AnsiConsole.MarkupLine($"sweep table {Markup.Escape(Path.Combine(sweepDir, DiffBIR.Lab.Sweeps.ResultsTable.CsvName))}" + (curve is null ? "" : $", quality–fidelity curve {Markup.Escape(curve)}"));
+        bool anyFailed = restoreCode != 0 || sweepCode != 0 || reports.Any(r => r.Status is CaseStatus.Fail or CaseStatus.Error);
         return anyFailed ? 1 : 0;
     }
 }

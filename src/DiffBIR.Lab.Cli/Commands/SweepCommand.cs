@@ -96,7 +96,8 @@ public sealed class SweepCommand : Command<SweepCommandSettings>
         var points = SweepPlan.Expand(spec, presetName, Presets.Get(presetName).Defaults);
         int inShard = points.Count(shard.Contains);
         Console.Error.WriteLine($"sweep: {points.Count} points ({spec.Inputs.Count} input(s)), shard {shard}: {inShard}; preset {presetName}, task {spec.Task}, ×{spec.EffectiveUpscale}, {spec.Precision} on {s.Device}, {threads} threads → {Path.GetFullPath(s.Output)}");
-        if (presetName == "tiny") Console.Error.WriteLine("sweep: tiny preset: random fixture-sized networks, NOT a trained model — outputs only exercise the pipeline");
+        if (presetName == "tiny-random") Console.Error.WriteLine("sweep: tiny-random preset: random fixture-sized networks, NOT a trained model — outputs only exercise the pipeline");
+        else if (presetName == "tiny") Console.Error.WriteLine("sweep: tiny preset: the small DiffBIR trained by this project on procedural images (docs/tiny-preset.md) — not a model for photos");
         using var preset = Presets.Build(presetName, spec.Task, s.Weights, build);
         var summary = SweepRunner.Run(preset, spec, s.Output, new SweepRunOptions
         {
@@ -105,8 +106,29 @@ public sealed class SweepCommand : Command<SweepCommandSettings>
         });
         Console.Error.WriteLine($"sweep: {summary.Done} done, {summary.Skipped} already there, {summary.Failed} diverged{(summary.Cancelled ? ", interrupted" : "")}; " +
                                 $"{summary.Rows.Count} rows in {Path.Combine(s.Output, ResultsTable.CsvName)}");
+        foreach (var chart in WriteCharts(spec, summary.Rows, s.Output))
+            Console.Error.WriteLine($"sweep: chart {chart}");
         if (summary.Cancelled) return 130;
         return summary.Failed > 0 ? 1 : 0;
+    }
+
+    /// <summary>
+    /// The quality–fidelity curve of a finished table (standalone HTML, plotly.js inlined): x = the spec's first
+    /// no-reference metric, y = PSNR against HQ (else against I_RM), one line per combination of the swept options
+    /// other than g_scale, points labelled with g_scale. Nothing is written without a no-reference metric.
+    /// </summary>
+    public static IReadOnlyList<string> WriteCharts(SweepSpec spec, IReadOnlyList<System.Text.Json.Nodes.JsonObject> rows, string outDir)
+    {
+        var written = new List<string>();
+        var quality = spec.Metrics.FirstOrDefault(m => DiffBIR.Lab.Metrics.Metric.Describe(m).Kind == DiffBIR.Lab.Metrics.MetricKind.NoReference);
+        if (quality is null || rows.Count < 2) return written;
+        quality = DiffBIR.Lab.Metrics.Metric.Describe(quality).Name;
+        string fidelity = rows.Any(r => r.TryGetPropertyValue("psnr_hq", out var v) && v is not null) ? "psnr_hq" : "psnr_irm";
+        var seriesBy = spec.Axes.Select(a => a.Name).Where(n => n != "g_scale").ToArray();
+        var path = Path.Combine(outDir, "quality_fidelity.html");
+        if (DiffBIR.Lab.Interactive.SweepCharts.SaveQualityFidelity(rows, quality, fidelity, seriesBy, "g_scale", path))
+            written.Add(path);
+        return written;
     }
 
     static string ProgressLine(SweepProgress p)

@@ -62,6 +62,8 @@ public sealed record TrainOptions
     public static TrainOptions Defaults(string stage, bool tiny, string schedule = "v2")
     {
         var o = new TrainOptions { Stage = stage, Tiny = tiny, Schedule = schedule };
+        if (stage == "prior")
+            o = o with { BatchSize = 256, LearningRate = 1e-4, WeightDecay = 0.01, EmptyPromptProbability = 0.1, ValEvery = 0 };
         if (stage == "stage2")
         {
             bool v21 = schedule == "v2.1";
@@ -72,7 +74,7 @@ public sealed record TrainOptions
             };
         }
         if (tiny)
-            o = o with { OutSize = 64, BatchSize = 2, Steps = 50, CheckpointEvery = 25, LogEvery = 10, ValEvery = 25, SampleEvery = 25, SampleSteps = 2, Queue = 4 };
+            o = o with { OutSize = 64, BatchSize = 2, Steps = 50, CheckpointEvery = 25, LogEvery = 10, ValEvery = stage == "prior" ? 0 : 25, SampleEvery = 25, SampleSteps = 2, Queue = 4 };
         return o;
     }
 
@@ -104,7 +106,7 @@ public sealed record TrainOptions
     public void Validate()
     {
         static void Require(bool ok, string message) { if (!ok) throw new ArgumentException(message); }
-        Require(Stage is "stage1" or "stage2", $"stage: must be stage1 or stage2 (got '{Stage}')");
+        Require(Stage is "stage1" or "stage2" or "prior", $"stage: must be stage1, stage2 or prior (got '{Stage}')");
         Require(!string.IsNullOrWhiteSpace(Data), "--data: required (a folder of HQ images or a file list)");
         Require(Steps >= 1, $"--steps: must be ≥ 1 (got {Steps})");
         Require(BatchSize >= 1, $"--batch-size: must be ≥ 1 (got {BatchSize})");
@@ -126,6 +128,9 @@ public sealed record TrainOptions
         Require(Threads is null or (>= 1 and <= 1024), $"--threads: must be in 1..1024 (got {Threads})");
         Require(Device is "cpu" or "cuda", $"--device: must be cpu or cuda (got '{Device}')");
         Require(Stage == "stage2" || Variant == "irc", "--variant: only for stage2");
+        Require(Stage != "prior" || Val == null, "--val: a prior restores nothing; validation is for stage1 and stage2");
+        Require(Stage != "prior" || Stage1 == null, "--stage1: the prior trains the UNet alone");
+        Require(Stage != "prior" || Tiny || RandomInit || Sd != null, "--sd: the prior at full size starts from a Stable Diffusion 2.1 checkpoint (VAE and CLIP frozen, the UNet trained)");
         if (Stage == "stage2" && !Tiny && !RandomInit)
         {
             Require(Sd != null, "--sd: stage 2 at full size starts from a Stable Diffusion 2.1 checkpoint (give its path)");
@@ -142,7 +147,7 @@ public sealed record TrainOptions
     {
         OutSize = OutSize, BatchSize = BatchSize, Seed = Seed, QueueCapacity = Queue,
         Degradation = Degradation == "second_order" ? TrainingDegradation.SecondOrder : TrainingDegradation.FirstOrder,
-        EmptyPromptProbability = Stage == "stage2" ? EmptyPromptProbability : 0,
+        EmptyPromptProbability = Stage is "stage2" or "prior" ? EmptyPromptProbability : 0,
     };
 }
 

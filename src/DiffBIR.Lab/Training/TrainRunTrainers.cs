@@ -45,6 +45,7 @@ public static class Trainers
     {
         "stage1" => new Stage1Training(o),
         "stage2" => new Stage2Training(o),
+        "prior" => new PriorTraining(o),
         _ => throw new ArgumentException($"unknown stage '{o.Stage}'"),
     };
 
