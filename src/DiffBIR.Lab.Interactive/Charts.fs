@@ -69,6 +69,10 @@ type SweepCharts =
         let mutable v : System.Text.Json.Nodes.JsonNode = null
         if row.TryGetPropertyValue(key, &v) then v else null
 
+    /// A results-table cell as a number (JSON number or numeric string); NaN when absent or not a number.
+    static member Number(row: System.Text.Json.Nodes.JsonObject, key: string) : float =
+        defaultArg (SweepCharts.Num row key) nan
+
     static member private Num (row: System.Text.Json.Nodes.JsonObject) (key: string) : float option =
         let v = SweepCharts.Node row key
         if isNull v then None

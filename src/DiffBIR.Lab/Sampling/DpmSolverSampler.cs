@@ -60,7 +60,7 @@ public sealed class DpmSolverSampler : Sampler
             LogAlphaArray = logAlphas.reshape(1, -1).to(ScalarType.Float32);
             TotalN = (int)LogAlphaArray.shape[1];
             TArray = torch.linspace(0.0, 1.0, TotalN + 1, device: betas.device)[TensorIndex.Slice(1)].reshape(1, -1).to(ScalarType.Float32);
-            if (device is not null && (device.type != betas.device_type || device.index != betas.device_index))
+            if (device is not null && !IsOn(betas, device))
             {
                 LogAlphaArray = LogAlphaArray.to(device);
                 TArray = TArray.to(device);

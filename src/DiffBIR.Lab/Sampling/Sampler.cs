@@ -55,6 +55,9 @@ public abstract class Sampler
     protected internal abstract IEnumerable<ModelRequest> Run(SamplerContext ctx, Tensor xT, int steps);
 
     /// <summary>float64 array → float32 tensor (the official <c>register</c> of numpy buffers).</summary>
+    /// <summary>Whether <paramref name="t"/> lives on <paramref name="device"/> (type and index; Device objects are not compared by value).</summary>
+    internal static bool IsOn(Tensor t, Device device) => t.device_type == device.type && t.device_index == device.index;
+
     protected static Tensor F32(double[] a) => torch.tensor(a, ScalarType.Float64).to(ScalarType.Float32);
 }
 
@@ -98,7 +101,7 @@ public sealed class SamplerContext
     /// <summary>Keeps a tensor alive for the whole run (schedule buffers), on the run's <see cref="Device"/>.</summary>
     public Tensor Persist(Tensor t)
     {
-        if (t.device_type != Device.type || t.device_index != Device.index)
+        if (!Sampler.IsOn(t, Device))
         {
             var moved = t.to(Device);
             if (!ReferenceEquals(moved, t)) t.Dispose();

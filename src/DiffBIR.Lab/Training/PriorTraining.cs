@@ -1,7 +1,6 @@
 using DiffBIR.Lab.Checkpoints;
 using DiffBIR.Lab.Diffusion;
 using DiffBIR.Lab.Models;
-using DiffBIR.Lab.Models.Clip;
 using DiffBIR.Lab.Models.StableDiffusion;
 using DiffBIR.Lab.Pipeline;
 using TorchSharp;
@@ -30,18 +29,11 @@ public sealed class PriorTraining : ITrainer
         _schedule = o.Schedule == "v2.1" ? NoiseSchedule.V2_1 : NoiseSchedule.V2;
         if (o.Tiny || o.RandomInit)
         {
-            _cldm = new ControlLDM(o.Tiny ? Trainers.TinyCldm(ControlMode.Add) : ControlLdmConfig.Sd21, ClipTokenizer.ByteLevel());
-            long s = (long)(TrainingSeeds.Derive(o.Seed, TrainingSeeds.Init, 4) >> 1);
-            Presets.RandomInit(_cldm.unet, s);
-            Presets.RandomInit(_cldm.vae, s + 1);
-            Presets.RandomInit(_cldm.clip, s + 2);
+            _cldm = Trainers.RandomCldm(o, ControlMode.Add, 4);
         }
         else
         {
-            var vocab = Path.Combine(o.Weights, Presets.BpeVocabFile);
-            if (!File.Exists(vocab))
-                throw new FileNotFoundException($"{vocab}: the CLIP BPE vocabulary is missing (diffbir-lab weights fetch v2.1 brings it; or --weights DIR)");
-            _cldm = new ControlLDM(ControlLdmConfig.Sd21, new ClipTokenizer(vocab));
+            _cldm = Trainers.FullSizeCldm(o, ControlMode.Add);
             using var sd = Checkpoint.Load(o.Sd!);
             var (_, missing) = _cldm.LoadPretrainedSd(sd.Tensors, o.Sd!);
             var sdMissing = missing.Where(k => !k.StartsWith("controlnet", StringComparison.Ordinal)).ToList();

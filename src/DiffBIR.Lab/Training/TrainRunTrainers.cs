@@ -56,6 +56,38 @@ public static class Trainers
         return CUDA;
     }
 
+    /// <summary>
+    /// The ControlLDM a stage-2 or prior run starts from when no SD checkpoint is read: tiny (fixture-sized) or full
+    /// size, its UNet, VAE and CLIP filled with seeded random weights (seed derived from the run's seed and
+    /// <paramref name="seedPart"/>).
+    /// </summary>
+    internal static ControlLDM RandomCldm(TrainOptions o, ControlMode mode, long seedPart)
+    {
+        var cldm = new ControlLDM(o.Tiny ? TinyCldm(mode) : ControlLdmConfig.Sd21 with { Mode = mode }, ClipTokenizer.ByteLevel());
+        long s = (long)(TrainingSeeds.Derive(o.Seed, TrainingSeeds.Init, seedPart) >> 1);
+        Presets.RandomInit(cldm.unet, s);
+        Presets.RandomInit(cldm.vae, s + 1);
+        Presets.RandomInit(cldm.clip, s + 2);
+        return cldm;
+    }
+
+    /// <summary>A full-size ControlLDM with the BPE tokenizer of <c>--weights</c> (refused with the file's name when it is missing), ready for an SD checkpoint.</summary>
+    internal static ControlLDM FullSizeCldm(TrainOptions o, ControlMode mode)
+    {
+        var vocab = Path.Combine(o.Weights, Presets.BpeVocabFile);
+        if (!File.Exists(vocab))
+            throw new FileNotFoundException($"{vocab}: the CLIP BPE vocabulary is missing (diffbir-lab weights fetch v2.1 brings it; or --weights DIR)");
+        return new ControlLDM(ControlLdmConfig.Sd21 with { Mode = mode }, new ClipTokenizer(vocab));
+    }
+
+    /// <summary>The stage-1 SwinIR on lq [N,3,H,W] in [0, 1]: padded to 64 (×8 unshuffle, 8×8 windows), cropped back, clamped.</summary>
+    internal static Tensor RunStage1(SwinIR model, Tensor lqNchw)
+    {
+        var lq = lqNchw.to(model.parameters().First().device);
+        long h = lq.shape[2], w = lq.shape[3];
+        return model.forward(ImageOps.PadToMultiplesOf(lq, 64))[.., .., ..(int)h, ..(int)w].clamp(0, 1);
+    }
+
     /// <summary>A SwinIR: tiny (seeded random, as Presets.RandomInit) or full (the constructor's init under a seeded global generator), or loaded strictly from a checkpoint.</summary>
     internal static SwinIR MakeSwinIR(TrainOptions o, string? checkpoint, long seedPart)
     {
@@ -95,9 +127,7 @@ public sealed class Stage1Training : ITrainer
         using var scope = NewDisposeScope();
         using var _ = no_grad();
         _model.eval();
-        var lq = lqNchw.to(_model.parameters().First().device);
-        long h = lq.shape[2], w = lq.shape[3];
-        var y = _model.forward(ImageOps.PadToMultiplesOf(lq, 64))[.., .., ..(int)h, ..(int)w].clamp(0, 1);
+        var y = Trainers.RunStage1(_model, lqNchw);
         _model.train();
         return y.MoveToOuterDisposeScope();
     }
@@ -132,21 +162,14 @@ public sealed class Stage2Training : ITrainer
         _sampleSteps = o.SampleSteps;
         if (o.Tiny || o.RandomInit)
         {
-            _cldm = new ControlLDM(o.Tiny ? Trainers.TinyCldm(mode) : ControlLdmConfig.Sd21 with { Mode = mode }, ClipTokenizer.ByteLevel());
             // Seeded random SD parts; the ControlNet then starts as the official load_controlnet_from_unet (zero convs 0).
-            long s = (long)(TrainingSeeds.Derive(o.Seed, TrainingSeeds.Init, 2) >> 1);
-            Presets.RandomInit(_cldm.unet, s);
-            Presets.RandomInit(_cldm.vae, s + 1);
-            Presets.RandomInit(_cldm.clip, s + 2);
+            _cldm = Trainers.RandomCldm(o, mode, 2);
             _cldm.controlnet.LoadFromUNet(_cldm.unet);
             Stage2Trainer.Prepare(_cldm);
         }
         else
         {
-            var vocab = Path.Combine(o.Weights, Presets.BpeVocabFile);
-            if (!File.Exists(vocab))
-                throw new FileNotFoundException($"{vocab}: the CLIP BPE vocabulary is missing (diffbir-lab weights fetch v2.1 brings it; or --weights DIR)");
-            _cldm = new ControlLDM(ControlLdmConfig.Sd21 with { Mode = mode }, new ClipTokenizer(vocab));
+            _cldm = Trainers.FullSizeCldm(o, mode);
             using var sd = Checkpoint.Load(o.Sd!);
             var (_, missing, _, _) = Stage2Trainer.InitFromStableDiffusion(_cldm, sd.Tensors, o.Sd!);
             if (missing.Count > 0)
@@ -177,9 +200,7 @@ public sealed class Stage2Training : ITrainer
         using var scope = NewDisposeScope();
         using var _ = no_grad();
         _cldm.eval();
-        var lq = lqNchw.to(_stage1.parameters().First().device);
-        long h = lq.shape[2], w = lq.shape[3];
-        var clean = _stage1.forward(ImageOps.PadToMultiplesOf(lq, 64))[.., .., ..(int)h, ..(int)w].clamp(0, 1);
+        var clean = Trainers.RunStage1(_stage1, lqNchw);
         _pipe ??= new RestorationPipeline(new SwinIRCleaner(_stage1), _cldm, _schedule);
         var opts = new PipelineOptions { Sampler = "spaced", Steps = _sampleSteps, CfgScale = 1.0, PosPrompt = "", NegPrompt = "", Seed = seed };
         using var cond = _pipe.ConditionOnStage1(clean, opts);
