@@ -41,14 +41,15 @@ public sealed class DemoSettings : CommandSettings
 public sealed class DemoCommand : Command<DemoSettings>
 {
     static string Num(System.Text.Json.Nodes.JsonObject row, string key) =>
-        row.TryGetPropertyValue(key, out var v) && v is not null && double.TryParse(v.ToString(), System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out var x)
-            ? x.ToString("F2", System.Globalization.CultureInfo.InvariantCulture) : "–";
+        DiffBIR.Lab.Interactive.SweepCharts.Number(row, key) is var x && double.IsFinite(x) ? x.ToString("F2", System.Globalization.CultureInfo.InvariantCulture) : "–";
 
     public override int Execute(CommandContext context, DemoSettings s, CancellationToken ct)
     {
         var sw = System.Diagnostics.Stopwatch.StartNew();
         AnsiConsole.Write(new Rule("[bold]DiffBIR.Lab demo[/]"));
-        Directory.CreateDirectory(s.Output);
+        try { Directory.CreateDirectory(s.Output); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        { throw new ArgumentException($"--output: cannot create {s.Output}: {e.Message}"); }
 
         // 1. A degraded input: the test card, downscaled ×4 and JPEG-compressed.
         var input = Path.Combine(s.Output, "input");

@@ -43,6 +43,9 @@ public sealed class FitNiqeCommand : Command<FitNiqeSettings>
     public override int Execute(CommandContext context, FitNiqeSettings s, CancellationToken ct)
     {
         if (s.Block < 8 || s.Block % 2 != 0) throw new ArgumentException($"--block: must be an even number ≥ 8 (got {s.Block})");
+        var outDir = Path.GetDirectoryName(Path.GetFullPath(s.Output))!;
+        if (!Directory.Exists(outDir)) throw new ArgumentException($"-o: the folder {outDir} does not exist");
+        if (Directory.Exists(s.Output)) throw new ArgumentException($"-o: {s.Output} is a folder; give the model file to write");
         if (s.Procedural is { } n)
         {
             if (s.Hq is not null) throw new ArgumentException("--procedural: give either --hq or --procedural, not both");
@@ -80,11 +83,7 @@ public sealed class FitNiqeCommand : Command<FitNiqeSettings>
 
     static int Write(NiqeModel model, FitNiqeSettings s)
     {
-        var dir = Path.GetDirectoryName(Path.GetFullPath(s.Output))!;
-        if (!Directory.Exists(dir)) throw new ArgumentException($"-o: the folder {dir} does not exist");
-        var tmp = s.Output + ".tmp";
-        model.Save(tmp);
-        File.Move(tmp, s.Output, overwrite: true);
+        model.Save(s.Output); // SafeTensors.Save writes atomically
         AnsiConsole.WriteLine($"NIQE model: {model.Blocks} sharp blocks of {model.Images} images, block {model.BlockSize} px → {s.Output}");
         return 0;
     }
