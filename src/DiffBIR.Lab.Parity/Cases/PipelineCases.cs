@@ -100,12 +100,21 @@ public sealed class E2eBsrV2Case : IParityCase
     }
 }
 
+/// <summary>One step of a sampling run as the v2.0.0 fixtures record it: CFG ε, x̂₀, guided x̂₀ (when guidance
+/// applied) and the state after the step.</summary>
+public sealed record PaperStep(Tensor Eps, Tensor PredX0, Tensor? PredX0Guided, Tensor X);
+
 /// <summary>
 /// v2.0.0/pipeline.safetensors (Case 5 of the paper version): (A) <c>run_stage2</c> on a 64×64 BSRNet output for five
 /// variants (plain, better start, better start + rgb w_mse guidance, latent mse guidance, tiled better start) with
 /// per-step ε, x̂₀, guided x̂₀ and states, the decoded sample, the colour-fixed float image and its uint8; (B) the
 /// full <c>Pipeline.run</c> at 512 px for BSRNet (no guidance) and SwinIR (rgb w_mse guidance). Weights of unet,
 /// controlnet and vae come from sampler_guided.safetensors (weights_from).
+/// <para>Every variant runs through <see cref="RestorationPipeline"/> with <see cref="PipelineOptions.PaperV2_0_0"/>
+/// (the paper version is a set of options, not a pipeline of its own): (A) through
+/// <see cref="RestorationPipeline.ConditionOnStage1"/> (run_stage2 gets the cleaner's output as it is, no ≥ 512 rule)
+/// and <see cref="RestorationPipeline.Sample"/>, (B) through <see cref="RestorationPipeline.Run"/>. The per-step
+/// records come from the step observer.</para>
 /// </summary>
 public sealed class V2PipelineCase : IParityCase
 {
@@ -113,7 +122,7 @@ public sealed class V2PipelineCase : IParityCase
     public string Description => "paper-version (v2.0.0) pipelines: stage 2 variants with guidance / better start / tiles, and full runs";
     public Tolerance DefaultTolerance => new(3e-5, 0);
 
-    public static (PaperPipeline Bsr, PaperPipeline Swin) Build(Fixture f)
+    public static (RestorationPipeline Bsr, RestorationPipeline Swin) Build(Fixture f)
     {
         var cfg = f.Config!;
         var vocab = Path.Combine(Path.GetDirectoryName(Path.GetDirectoryName(f.Path)!)!, "bpe_simple_vocab_16e6.txt.gz");
@@ -125,7 +134,8 @@ public sealed class V2PipelineCase : IParityCase
         StateDictLoader.Load(bsr, f.Weights("bsrnet"), sourceName: "weights.bsrnet");
         var swin = new SwinIR(SwinIRConfig.FromJson(cfg["SwinIR"]!));
         StateDictLoader.Load(swin, f.Weights("swinir"), sourceName: "weights.swinir");
-        return (new PaperPipeline(new BSRNetCleaner(bsr, 4.0), cldm), new PaperPipeline(new SwinIRCleaner(swin), cldm));
+        return (new RestorationPipeline(new BSRNetCleaner(bsr, 4.0), cldm, NoiseSchedule.V2),
+                new RestorationPipeline(new SwinIRCleaner(swin), cldm, NoiseSchedule.V2));
     }
 
     static Guidance.RestorationGuidance? GuidanceOf(JsonNode? g)
@@ -143,6 +153,34 @@ public sealed class V2PipelineCase : IParityCase
         var draws = new List<Tensor>();
         for (int k = 0; f.Tensors.ContainsKey($"noise.{variant}.{k}"); k++) draws.Add(f.Get($"noise.{variant}.{k}"));
         return new ReplayNoise(draws.Count == 0 ? null : torch.stack(draws));
+    }
+
+    /// <summary>The v2.0.0 options of a fixture variant (the paper preset with the variant's overrides).</summary>
+    static PipelineOptions OptionsOf(JsonNode v, string posPrompt, string negPrompt, ReplayNoise noise, string cfgKey)
+    {
+        var o = PipelineOptions.PaperV2_0_0 with
+        {
+            Steps = (int)v["steps"]!, Strength = (double?)v["strength"] ?? 1.0, CfgScale = (double)v[cfgKey]!,
+            PosPrompt = posPrompt, NegPrompt = negPrompt,
+            StartPointType = (bool)v["better_start"]! ? StartPoint.LowFrequency : StartPoint.Noise,
+            Guidance = GuidanceOf(v["guidance"]), Noise = noise,
+        };
+        return (bool?)v["tiled"] == true ? o.PaperTiled((int)v["tile_size"]!, (int)v["tile_stride"]!) : o;
+    }
+
+    /// <summary>A step observer that keeps what the fixtures record of every step (copies that outlive the step).</summary>
+    sealed class StepRecorder
+    {
+        readonly List<(Tensor Eps, Tensor X0, Tensor? Guided, Tensor Zt)> _seen = new();
+        public bool Observe(Sampling.StepInfo s)
+        {
+            static Tensor Keep(Tensor t) => t.clone().DetachFromDisposeScope();
+            _seen.Add((Keep(s.Output!), Keep(s.ModelX0!), s.GuidanceApplied ? Keep(s.PredictedX0) : null, Keep(s.Zt)));
+            return true;
+        }
+        /// <summary>The records with x = the state after each step (the next step's z_t, the final latent last).</summary>
+        public IReadOnlyList<PaperStep> Steps(Tensor z) =>
+            _seen.Select((s, k) => new PaperStep(s.Eps, s.X0, s.Guided, k + 1 < _seen.Count ? _seen[k + 1].Zt : z)).ToList();
     }
 
     static IEnumerable<CaseOutput> StepOutputs(Fixture f, string prefix, IReadOnlyList<PaperStep> steps, Tolerance tol)
@@ -179,20 +217,18 @@ public sealed class V2PipelineCase : IParityCase
         foreach (var v in f.MetaJson("stage2")!.AsArray())
         {
             var name = (string)v!["name"]!;
-            var o = new PaperOptions
-            {
-                Steps = (int)v["steps"]!, Strength = (double)v["strength"]!, Tiled = (bool)v["tiled"]!,
-                TileSize = (int)v["tile_size"]!, TileStride = (int)v["tile_stride"]!, PosPrompt = posPrompt, NegPrompt = negPrompt,
-                CfgScale = (double)v["cfg_scale"]!, BetterStart = (bool)v["better_start"]!, Guidance = GuidanceOf(v["guidance"]),
-            };
             var noise = NoiseOf(f, "st2." + name);
-            var (sample, steps) = bsr.RunStage2(clean, o, noise);
+            var o = OptionsOf(v, posPrompt, negPrompt, noise, "cfg_scale");
+            var rec = new StepRecorder();
+            using var cond = bsr.ConditionOnStage1(clean, o);
+            using var r = bsr.Sample(cond, o, stepObserver: rec.Observe);
             if (noise.Used != noise.Count) throw new InvalidOperationException($"st2.{name}: used {noise.Used} noise draws, {noise.Count} recorded");
-            var ff = PaperPipeline.FinalFloat(sample, clean, lq.shape[2] * 4, lq.shape[3] * 4);
+            var sample = r.Decoded[.., .., ..(int)clean.shape[2], ..(int)clean.shape[3]];
+            var ff = ImageOps.FinishFloat(sample, clean, lq.shape[2] * 4, lq.shape[3] * 4);
             yield return new CaseOutput($"st2.{name}.sample", sample, Tolerance: chainTol);
             yield return new CaseOutput($"st2.{name}.final_float", ff, Tolerance: chainTol);
-            yield return new CaseOutput($"st2.{name}.final_uint8", ff.clamp(0, 255).to(ScalarType.Byte), Tolerance: new(0, 1));
-            foreach (var s in StepOutputs(f, $"st2.{name}", steps, chainTol)) yield return s;
+            yield return new CaseOutput($"st2.{name}.final_uint8", r.Image, Tolerance: new(0, 1));
+            foreach (var s in StepOutputs(f, $"st2.{name}", rec.Steps(r.Z), chainTol)) yield return s;
         }
 
         // (B) full Pipeline.run at 512 px (no float64 run exists; measured 2.1e-6, held to the chain tolerance of (A))
@@ -200,17 +236,14 @@ public sealed class V2PipelineCase : IParityCase
         {
             var name = (string)v!["name"]!;
             var pipe = (string)v["pipe"]! == "bsrnet" ? bsr : swin;
-            var o = new PaperOptions
-            {
-                Steps = (int)v["steps"]!, PosPrompt = posPrompt, NegPrompt = negPrompt, CfgScale = (double)v["cfg"]!,
-                BetterStart = (bool)v["better_start"]!, Guidance = GuidanceOf(v["guidance"]),
-            };
             var noise = NoiseOf(f, "e2e." + name);
-            var (img, stage1, steps) = pipe.Run(f.In($"e2e.{name}.lq_uint8"), o, noise);
+            var o = OptionsOf(v, posPrompt, negPrompt, noise, "cfg");
+            var rec = new StepRecorder();
+            using var r = pipe.Run(f.In($"e2e.{name}.lq_uint8"), o, stepObserver: rec.Observe);
             if (noise.Used != noise.Count) throw new InvalidOperationException($"e2e.{name}: used {noise.Used} noise draws, {noise.Count} recorded");
-            yield return new CaseOutput($"e2e.{name}.stage1", stage1, Tolerance: new(1e-5, 1e-6));
-            yield return new CaseOutput($"e2e.{name}.final_uint8", img, Tolerance: new(0, 1));
-            foreach (var s in StepOutputs(f, $"e2e.{name}", steps, chainTol)) yield return s;
+            yield return new CaseOutput($"e2e.{name}.stage1", r.Stage1, Tolerance: new(1e-5, 1e-6));
+            yield return new CaseOutput($"e2e.{name}.final_uint8", r.Image, Tolerance: new(0, 1));
+            foreach (var s in StepOutputs(f, $"e2e.{name}", rec.Steps(r.Z), chainTol)) yield return s;
         }
     }
 }

@@ -115,16 +115,15 @@ public sealed class ControlLDM : nn.Module, IDenoiser
         using var posterior = tiled
             ? new DiagonalGaussianDistribution(vae.quant_conv_forward(new TiledVae(vae, isDecoder: false, tileSize).Forward(image)))
             : vae.Encode(image);
-        var z = noise is null ? posterior.Mode() : posterior.Sample(noise);
-        return (z * Config.LatentScaleFactor).MoveToOuterDisposeScope();
+        return vae.ToDiffusionLatent(posterior, noise).MoveToOuterDisposeScope();
     }
 
     /// <summary>Latent → image in about [-1, 1]: decode(z / 0.18215); tiled with tiles of <paramref name="tileSize"/> latent pixels.</summary>
     public Tensor VaeDecode(Tensor z, bool tiled = false, int tileSize = -1)
     {
         using var scope = torch.NewDisposeScope();
-        if (!tiled) return vae.Decode(z / Config.LatentScaleFactor).MoveToOuterDisposeScope();
-        var h = vae.post_quant_conv_forward(z / Config.LatentScaleFactor);
+        if (!tiled) return vae.DecodeScaled(z).MoveToOuterDisposeScope();
+        var h = vae.post_quant_conv_forward(vae.FromDiffusionLatent(z));
         return new TiledVae(vae, isDecoder: true, tileSize).Forward(h).MoveToOuterDisposeScope();
     }
 

@@ -83,8 +83,15 @@ public static class ImageOps
     public static Tensor Finish(Tensor sample, Tensor condImage, long outHeight, long outWidth)
     {
         using var scope = torch.NewDisposeScope();
+        return FinishFloat(sample, condImage, outHeight, outWidth).clamp(0, 255).to(ScalarType.Byte).MoveToOuterDisposeScope();
+    }
+
+    /// <summary><see cref="Finish"/> before the uint8 conversion: the colour-fixed, resized image ×255 as float [N, H, W, 3].</summary>
+    public static Tensor FinishFloat(Tensor sample, Tensor condImage, long outHeight, long outWidth)
+    {
+        using var scope = torch.NewDisposeScope();
         var fixedColours = WaveletReconstruction((sample + 1) / 2, condImage);
         var resized = ResizeBicubic(fixedColours, outHeight, outWidth);
-        return resized.mul(255.0f).clamp(0, 255).to(ScalarType.Byte).permute(0, 2, 3, 1).contiguous().MoveToOuterDisposeScope();
+        return resized.mul(255.0f).permute(0, 2, 3, 1).contiguous().MoveToOuterDisposeScope();
     }
 }

@@ -13,6 +13,24 @@ public enum StartPoint
     Noise,
     /// <summary>x_T = q_sample(c_img, t = T − 1, ε): the condition latent diffused to the last step (steadier for v1/v2).</summary>
     Cond,
+    /// <summary>
+    /// The paper version's <c>--better_start</c> (v2.0.0): x_T = q_sample(z_low, t = T − 1, ε) with z_low a VAE
+    /// posterior sample of the low-frequency part (wavelet) of the padded condition image, encoded as c_img is (tiled
+    /// or not). Draws the posterior noise (one per VAE tile) before ε.
+    /// </summary>
+    LowFrequency,
+}
+
+/// <summary>How the VAE encoder and decoder run on a large image when their tiling is on.</summary>
+public enum VaeTiling
+{
+    /// <summary>HEAD's tiled VAE (<c>diffbir/utils/tilevae</c>, <see cref="Models.Vae.TiledVae"/>): padded tiles that
+    /// share their GroupNorm statistics; the tile size alone is used.</summary>
+    SharedGroupNorm,
+    /// <summary>The paper version's <c>vae_encode_tiled</c> / <c>vae_decode_tiled</c> (v2.0.0): each tile encoded or
+    /// decoded alone and the results blended with gaussian weights (<see cref="Tiling.Apply"/>), tiles of the
+    /// encoder / decoder tile size every <see cref="PipelineOptions.VaeTileStride"/> pixels.</summary>
+    GaussianBlend,
 }
 
 /// <summary>
@@ -40,6 +58,13 @@ public sealed record PipelineOptions
     public bool VaeDecoderTiled { get; init; }
     /// <summary>Pixels (the decoder uses size / 8 latent pixels).</summary>
     public int VaeDecoderTileSize { get; init; } = 256;
+    /// <summary>How the VAE tiles (HEAD's shared-GroupNorm tiles, or v2.0.0's gaussian-blended tiles).</summary>
+    public VaeTiling VaeTiling { get; init; } = VaeTiling.SharedGroupNorm;
+    /// <summary>Pixels between VAE tile origins, a multiple of 8; only <see cref="VaeTiling.GaussianBlend"/> uses it.</summary>
+    public int VaeTileStride { get; init; } = 256;
+    /// <summary>The condition image is zero-padded to a multiple of this many pixels before the VAE. Null = HEAD's rule:
+    /// 64, or 8 when the VAE encoder or the diffusion is tiled. The paper version always pads to 64.</summary>
+    public int? PadMultiple { get; init; }
     public bool CldmTiled { get; init; }
     /// <summary>Pixels, a multiple of 64 (the sampler uses size / 8 latent pixels).</summary>
     public int CldmTileSize { get; init; } = 512;
@@ -72,6 +97,34 @@ public sealed record PipelineOptions
     public Guidance.RestorationGuidance? Guidance { get; init; }
 
     public SamplerOptions SamplerOptions => new(CfgScale, RescaleCfg, SChurn, STmin, STmax, SNoise, Eta, Order);
+
+    /// <summary>The official defaults of inference.py at HEAD (what <c>new PipelineOptions()</c> gives).</summary>
+    public static PipelineOptions Head { get; } = new();
+
+    /// <summary>
+    /// The paper version (DiffBIR v2.0.0, <c>utils/helpers.py</c> and its inference.py defaults) as options of this
+    /// pipeline: 50 steps of the spaced (DDPM) sampler, CFG 4, an empty positive prompt and v2.0.0's negative one,
+    /// the condition always padded to 64 px, and — where tiling is switched on (v2.0.0 has one <c>--tiled</c> flag:
+    /// set the VAE encoder, VAE decoder and diffusion tiling together, see <see cref="PaperTiled"/>) — gaussian-blended
+    /// VAE tiles of 512 px every 256 px. <c>--better_start</c> is <see cref="StartPoint.LowFrequency"/>; restoration
+    /// guidance is applied at every step as v2.0.0 does. The ≥ 512 px condition rule is the cleaners' (as at HEAD).
+    /// </summary>
+    public static PipelineOptions PaperV2_0_0 { get; } = new()
+    {
+        Steps = 50, Sampler = "spaced", CfgScale = 4.0,
+        PosPrompt = "", NegPrompt = "low quality, blurry, low-resolution, noisy, unsharp, weird textures",
+        VaeTiling = VaeTiling.GaussianBlend, VaeEncoderTileSize = 512, VaeDecoderTileSize = 512, VaeTileStride = 256,
+        CldmTileSize = 512, CldmTileStride = 256, PadMultiple = 64,
+    };
+
+    /// <summary>v2.0.0's single <c>--tiled --tile_size --tile_stride</c>: the VAE encoder, the diffusion and the VAE
+    /// decoder tiled with the same tiles (pixels).</summary>
+    public PipelineOptions PaperTiled(int tileSize, int tileStride) => this with
+    {
+        VaeEncoderTiled = true, VaeDecoderTiled = true, CldmTiled = true,
+        VaeEncoderTileSize = tileSize, VaeDecoderTileSize = tileSize, VaeTileStride = tileStride,
+        CldmTileSize = tileSize, CldmTileStride = tileStride,
+    };
 }
 
 /// <summary>What the pipeline reports while it runs (one of the stage tensors, or a note such as "tiling off").</summary>
@@ -102,12 +155,19 @@ public sealed record RestorationResult(
 public sealed record ConditionOptions(
     string PosPrompt, string NegPrompt,
     bool CleanerTiled, int CleanerTileSize, int CleanerTileStride,
-    bool VaeEncoderTiled, int VaeEncoderTileSize, bool CldmTiled)
+    bool VaeEncoderTiled, int VaeEncoderTileSize, bool CldmTiled,
+    VaeTiling VaeTiling = VaeTiling.SharedGroupNorm, int VaeTileStride = 0, int PadMultiple = 64)
 {
     public static ConditionOptions Of(PipelineOptions o) => new(
         o.PosPrompt, o.NegPrompt,
         o.CleanerTiled, o.CleanerTiled ? o.CleanerTileSize : 0, o.CleanerTiled ? o.CleanerTileStride : 0,
-        o.VaeEncoderTiled, o.VaeEncoderTiled ? o.VaeEncoderTileSize : 0, o.CldmTiled);
+        o.VaeEncoderTiled, o.VaeEncoderTiled ? o.VaeEncoderTileSize : 0, o.CldmTiled,
+        o.VaeEncoderTiled ? o.VaeTiling : VaeTiling.SharedGroupNorm,
+        o.VaeEncoderTiled && o.VaeTiling == VaeTiling.GaussianBlend ? o.VaeTileStride : 0,
+        PadMultipleOf(o));
+
+    /// <summary>The padding of the condition image: <see cref="PipelineOptions.PadMultiple"/>, or HEAD's rule (64, 8 when tiled).</summary>
+    public static int PadMultipleOf(PipelineOptions o) => o.PadMultiple ?? (!o.VaeEncoderTiled && !o.CldmTiled ? 64 : 8);
 
     /// <summary>The first option (as the <see cref="PipelineOptions"/> property is named) that differs, or null.</summary>
     public string? FirstDifference(ConditionOptions other)
@@ -120,6 +180,9 @@ public sealed record ConditionOptions(
         if (VaeEncoderTiled != other.VaeEncoderTiled) return nameof(PipelineOptions.VaeEncoderTiled);
         if (VaeEncoderTileSize != other.VaeEncoderTileSize) return nameof(PipelineOptions.VaeEncoderTileSize);
         if (CldmTiled != other.CldmTiled) return nameof(PipelineOptions.CldmTiled);
+        if (VaeTiling != other.VaeTiling) return nameof(PipelineOptions.VaeTiling);
+        if (VaeTileStride != other.VaeTileStride) return nameof(PipelineOptions.VaeTileStride);
+        if (PadMultiple != other.PadMultiple) return nameof(PipelineOptions.PadMultiple);
         return null;
     }
 }
@@ -293,10 +356,10 @@ public sealed class RestorationPipeline : IDisposable
         void Note(string s) { notes.Add(s); obs?.Invoke(new PipelineEvent("note", Note: s)); }
         void Emit(string stage, Tensor t) => obs?.Invoke(new PipelineEvent(stage, t));
         // (no scope of its own: the caller's scope holds these until it moves the result out)
-        // Official apply_cldm, first half: pad to 64 (8 when any VAE-encoder or diffusion tiling is on), encode.
+        // Official apply_cldm, first half: pad to 64 (HEAD: 8 when any VAE-encoder or diffusion tiling is on), encode.
         long bs = condImg.shape[0];
         bool encTiled = o.VaeEncoderTiled;
-        var padded = ImageOps.PadToMultiplesOf(condImg, !encTiled && !o.CldmTiled ? 64 : 8);
+        var padded = ImageOps.PadToMultiplesOf(condImg, ConditionOptions.PadMultipleOf(o));
         if (encTiled && (padded.shape[2] < o.VaeEncoderTileSize || padded.shape[3] < o.VaeEncoderTileSize))
         {
             Note("[VAE Encoder]: the input size is tiny and unnecessary to tile.");
@@ -304,15 +367,27 @@ public sealed class RestorationPipeline : IDisposable
         }
         if (encTiled && o.VaeEncoderTileSize % 8 != 0) throw new ArgumentException("VAE encoder tile size must be a multiple of 8");
         // The official code encodes the image twice (once per prompt); the two c_img are identical, so we encode once.
-        var prompts = Enumerable.Repeat(o.PosPrompt, (int)bs).ToArray();
-        var negPrompts = Enumerable.Repeat(o.NegPrompt, (int)bs).ToArray();
-        var cond = Cldm.PrepareCondition(padded, prompts, encTiled, o.VaeEncoderTileSize);
-        var ucText = Cldm.clip.Encode(negPrompts);
+        var cImage = EncodeLatent(Stages.Encode.Target(padded), o, encTiled, null);
+        var cText = Cldm.clip.Encode(Enumerable.Repeat(o.PosPrompt, (int)bs).ToArray());
+        var ucText = Cldm.clip.Encode(Enumerable.Repeat(o.NegPrompt, (int)bs).ToArray());
+        var cond = new Conditioning(cText, cImage);
         Emit("c_txt", cond.CText); Emit("uc_txt", ucText); Emit("c_img", cond.CImage);
         var result = new ConditionedInput(condImg, padded, cond.CImage, cond.CText, ucText,
             inputSize, outputSize, ConditionOptions.Of(o), notes);
         return result;
     }
+
+    /// <summary>The encode stage with the options' VAE tiling: mode, or a posterior sample drawn from <paramref name="posteriorNoise"/>.</summary>
+    Tensor EncodeLatent(Tensor image, PipelineOptions o, bool tiled, INoiseSource? posteriorNoise) =>
+        tiled && o.VaeTiling == VaeTiling.GaussianBlend
+            ? Stages.Encode.BlendedTiles(Cldm, image, o.VaeEncoderTileSize, o.VaeTileStride, posteriorNoise)
+            : Stages.Encode.Latent(Cldm, image, posteriorNoise, tiled, o.VaeEncoderTileSize);
+
+    /// <summary>The decode stage with the options' VAE tiling.</summary>
+    Tensor DecodeLatent(Tensor z, PipelineOptions o, bool tiled) =>
+        tiled && o.VaeTiling == VaeTiling.GaussianBlend
+            ? Stages.Decode.BlendedTiles(Cldm, z, o.VaeDecoderTileSize / 8, o.VaeTileStride / 8)
+            : Cldm.VaeDecode(z, tiled, o.VaeDecoderTileSize / 8);
 
     /// <summary>
     /// One sampling run on a conditioned input (official <c>apply_cldm</c>, second half, then the colour fix): start
@@ -367,10 +442,17 @@ public sealed class RestorationPipeline : IDisposable
             Tensor xT;
             using (var like = torch.empty(new[] { bs, 4L, h2, w2 }, ScalarType.Float32, cImgForSampling.device))
             {
+                var tLast = torch.full(new[] { bs }, Schedule.Timesteps - 1, ScalarType.Int64, device: cImgForSampling.device);
                 if (o.StartPointType == StartPoint.Cond)
+                    xT = Schedule.QSample(cImgForSampling, tLast, noise.Next(cImgForSampling));
+                else if (o.StartPointType == StartPoint.LowFrequency)
                 {
-                    var t = torch.full(new[] { bs }, Schedule.Timesteps - 1, ScalarType.Int64, device: cImgForSampling.device);
-                    xT = Schedule.QSample(cImgForSampling, t, noise.Next(cImgForSampling));
+                    // v2.0.0 better_start: the low-frequency part of the padded condition, encoded as c_img was (a
+                    // posterior sample), diffused to the last step
+                    var (_, low) = ImageOps.WaveletDecomposition(padded);
+                    bool encTiled = o.VaeEncoderTiled && padded.shape[2] >= o.VaeEncoderTileSize && padded.shape[3] >= o.VaeEncoderTileSize;
+                    var z0 = EncodeLatent(low, o, encTiled, noise);
+                    xT = Schedule.QSample(z0, tLast, noise.Next(z0));
                 }
                 else xT = noise.Next(like);
             }
@@ -385,20 +467,8 @@ public sealed class RestorationPipeline : IDisposable
             var pos = new Conditioning(condition.CText, cImgForSampling, scales);
             var neg = new Conditioning(condition.UcText, uImg, scales);
             IDenoiser model = cldmTiled ? new TiledDenoiser(Cldm, o.CldmTileSize / 8, o.CldmTileStride / 8) : Cldm;
-            Guidance.Guide? guide = null;
-            if (o.Guidance is not null)
-            {
-                var target = padded * 2 - 1;
-                guide = new Guidance.Guide(o.Guidance, target)
-                {
-                    Decode = zz => Cldm.VaeDecode(zz),
-                    EncodeTarget = img =>
-                    {
-                        using var like = torch.empty(new[] { img.shape[0], 4L, img.shape[2] / 8, img.shape[3] / 8 }, ScalarType.Float32, img.device);
-                        return Cldm.VaeEncode(img, noise.Next(like));
-                    },
-                };
-            }
+            // target 2·padded − 1; latent-space guidance re-encodes it with posterior draws from the run's noise
+            var guide = o.Guidance is null ? null : Stages.GuideStage.For(Cldm, o.Guidance, padded, noise);
             var cfg = new CfgDenoiser(model, pos, neg);
             var sampler = Samplers.Create(o.Sampler, Schedule, o.SamplerOptions);
             Tensor zFull;
@@ -416,7 +486,7 @@ public sealed class RestorationPipeline : IDisposable
                 Note("[VAE Decoder]: the input size is tiny and unnecessary to tile.");
                 decTiled = false;
             }
-            var decoded = Cldm.VaeDecode(z, decTiled, o.VaeDecoderTileSize / 8);
+            var decoded = DecodeLatent(z, o, decTiled);
             if (!torch.isfinite(decoded).all().item<bool>())
                 throw new NonFiniteException($"the decoded image has non-finite values (latents up to {z.abs().max().item<float>():G3}; cfg {o.CfgScale}, strength {o.Strength}, guidance scale {o.Guidance?.Scale ?? 0}): lower --cfg or --g-scale; nothing was written");
             Emit("decoded", decoded);

@@ -47,19 +47,8 @@ public sealed class TiledDenoiser : IDenoiser
                                         $"use a tile size ≤ {Math.Min(h, w)} or pad the image");
         if (cond.CImage.shape[2] != h || cond.CImage.shape[3] != w)
             throw new ArgumentException($"tiled noise prediction: c_img is [{string.Join(",", cond.CImage.shape)}] but x_t is [{string.Join(",", x.shape)}]; the condition latent must cover the same pixels");
-        using var scope = torch.NewDisposeScope();
-        var eps = torch.zeros_like(x);
-        var count = torch.zeros_like(x, dtype: ScalarType.Float32);
-        var weights = Tiling.GaussianWeightsTensor(TileSize, TileSize, ScalarType.Float32, x.device);
-        foreach (var tile in Tiling.SlidingWindows(h, w, TileSize, TileStride))
-        {
-            using var tileScope = torch.NewDisposeScope();
-            var rows = tile.Top..tile.Bottom; var cols = tile.Left..tile.Right;
-            var tileCond = cond with { CImage = cond.CImage[.., .., rows, cols] };
-            var y = Network.Forward(x[.., .., rows, cols], t, tileCond);
-            eps[.., .., rows, cols].add_(y * weights);
-            count[.., .., rows, cols].add_(weights);
-        }
-        return eps.div_(count).MoveToOuterDisposeScope();
+        // the one tile blend (Tiling.Apply); each tile's network sees c_img cropped to the same window
+        return Tiling.Apply(x, (tile, win) => Network.Forward(tile, t, cond with { CImage = cond.CImage[.., .., win.Top..win.Bottom, win.Left..win.Right] }),
+                            TileSize, TileStride);
     }
 }

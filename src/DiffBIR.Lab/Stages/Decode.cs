@@ -1,4 +1,5 @@
 using DiffBIR.Lab.Models;
+using DiffBIR.Lab.Pipeline;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -29,6 +30,17 @@ public sealed class Decode
     {
         using var _ = torch.enable_grad();
         return _decode(latent);
+    }
+
+    /// <summary>
+    /// v2.0.0's <c>vae_decode_tiled</c>: latent tiles of <paramref name="tileSize"/> every <paramref name="tileStride"/>
+    /// latent pixels, each decoded alone and blended with the gaussian weights (<see cref="Tiling.Apply"/>).
+    /// </summary>
+    public static Tensor BlendedTiles(ControlLDM model, Tensor z, int tileSize, int tileStride)
+    {
+        using var _ = torch.no_grad();
+        long up = 1L << (model.Config.Vae.DdConfig.ChMult.Length - 1);
+        return Tiling.Apply(z, (tile, _) => model.VaeDecode(tile), tileSize, tileStride, scale: up, outChannels: model.Config.Vae.DdConfig.OutCh);
     }
 
     /// <summary>Image in [−1, 1] → [0, 1] (the pipeline's <c>(x + 1)/2</c> before colour correction).</summary>

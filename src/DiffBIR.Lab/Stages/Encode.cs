@@ -1,5 +1,6 @@
 using DiffBIR.Lab.Diffusion;
 using DiffBIR.Lab.Models;
+using DiffBIR.Lab.Pipeline;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -46,4 +47,37 @@ public sealed class Encode
 
     /// <summary>The guidance target in the decoder's range: 2·I_RM − 1 (as the official run_stage2 loads it).</summary>
     public static Tensor Target(Tensor restored) => restored * 2 - 1;
+
+    /// <summary>
+    /// The diffusion-space latent of an image in [−1, 1]: the posterior mode, or with <paramref name="posteriorNoise"/>
+    /// a posterior sample whose standard normal is drawn from it (official <c>vae_encode(x, sample=True)</c>); the
+    /// shared-GroupNorm tiled encoder when <paramref name="tiled"/> (tiles of <paramref name="tileSize"/> px).
+    /// </summary>
+    public static Tensor Latent(ControlLDM model, Tensor image, INoiseSource? posteriorNoise = null, bool tiled = false, int tileSize = -1)
+    {
+        using var _ = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        Tensor? eps = null;
+        if (posteriorNoise is not null)
+        {
+            // the official code draws after the encoder ran; only the order among draws matters
+            long down = 1L << (model.Config.Vae.DdConfig.ChMult.Length - 1);
+            using var like = torch.empty(new[] { image.shape[0], (long)model.Config.Vae.EmbedDim, image.shape[2] / down, image.shape[3] / down },
+                                         image.dtype, image.device);
+            eps = posteriorNoise.Next(like);
+        }
+        return model.VaeEncode(image, eps, tiled, tileSize).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// v2.0.0's <c>vae_encode_tiled</c>: latent tiles of <paramref name="tileSize"/>/8 every <paramref name="tileStride"/>/8
+    /// latent pixels (sizes in image pixels, multiples of 8), each tile's image encoded alone (<see cref="Latent"/>:
+    /// mode, or one posterior draw per tile in tile order) and blended with the gaussian weights (<see cref="Tiling.Apply"/>).
+    /// </summary>
+    public static Tensor BlendedTiles(ControlLDM model, Tensor image, int tileSize, int tileStride, INoiseSource? posteriorNoise = null)
+    {
+        long down = 1L << (model.Config.Vae.DdConfig.ChMult.Length - 1);
+        return Tiling.Apply(image, (tile, _) => Latent(model, tile, posteriorNoise), tileSize, tileStride, scale: down, scaleUp: false,
+                            outChannels: model.Config.Vae.EmbedDim);
+    }
 }

@@ -29,17 +29,7 @@ public static class GuideStage
         return new Guide(guidance, target)
         {
             Decode = decoder ?? (z => model.VaeDecode(z)),
-            EncodeTarget = guidance.Space == GuidanceSpace.Latent ? t => EncodeSampled(model, t, noise) : null,
+            EncodeTarget = guidance.Space == GuidanceSpace.Latent ? t => Encode.Latent(model, t, noise) : null,
         };
-    }
-
-    /// <summary>z = (μ + σ·n)·0.18215 with n from <paramref name="noise"/> (official <c>vae_encode(x, sample=True)</c>), or μ·0.18215 without.</summary>
-    public static Tensor EncodeSampled(ControlLDM model, Tensor image, INoiseSource? noise)
-    {
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
-        using var posterior = model.vae.Encode(image);
-        var z = noise is null ? posterior.Mode() : posterior.Sample(noise.Next(posterior.Mean));
-        return (z * model.Config.LatentScaleFactor).MoveToOuterDisposeScope();
     }
 }

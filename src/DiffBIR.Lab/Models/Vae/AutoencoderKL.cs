@@ -408,16 +408,29 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
     /// The diffusion-space latent of an image: mode of q(z|x) times the latent scale (official
     /// <c>ControlLDM.vae_encode(image, sample=False)</c>, which DiffBIR uses for the condition c_img).
     /// </summary>
-    public Tensor EncodeScaled(Tensor x)
+    public Tensor EncodeScaled(Tensor x, Tensor? noise = null)
     {
         using var posterior = Encode(x);
-        return posterior.Mean * Config.LatentScaleFactor;
+        return ToDiffusionLatent(posterior, noise);
     }
+
+    /// <summary>
+    /// The one place of the latent scale: the diffusion-space latent of a posterior, its mode (or the sample
+    /// μ + σ·<paramref name="noise"/>) times <see cref="VaeConfig.LatentScaleFactor"/>.
+    /// </summary>
+    public Tensor ToDiffusionLatent(DiagonalGaussianDistribution posterior, Tensor? noise = null)
+    {
+        using var z = noise is null ? posterior.Mode() : posterior.Sample(noise);
+        return z * Config.LatentScaleFactor;
+    }
+
+    /// <summary>The inverse of the latent scale: z / <see cref="VaeConfig.LatentScaleFactor"/> (the decoder's input).</summary>
+    public Tensor FromDiffusionLatent(Tensor z) => z / Config.LatentScaleFactor;
 
     /// <summary>Image from a diffusion-space latent: decode(z / scale) (official <c>ControlLDM.vae_decode</c>).</summary>
     public Tensor DecodeScaled(Tensor z)
     {
-        using var unscaled = z / Config.LatentScaleFactor;
+        using var unscaled = FromDiffusionLatent(z);
         return Decode(unscaled);
     }
 
