@@ -50,7 +50,7 @@ let private run (schedule: NoiseSchedule) (name: string) (s: float) =
     let observer = Func<StepInfo, bool>(fun i -> (if i.GuidanceLoss.HasValue then lastLoss <- i.GuidanceLoss.Value); true)
     use noise = new SeededNoise(5L)
     let state = step.Start(xT, 10, noise)
-    let z = step.Run(state, guide, observer)
+    let z = SamplingLoop.Run(step, state, guide, observer)
     let d = (z - target).square().mean().item<float32>() |> float
     state.Dispose()
     d, lastLoss

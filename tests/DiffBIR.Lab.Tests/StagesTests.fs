@@ -16,6 +16,15 @@ open DiffBIR.Lab.Parity
 open DiffBIR.Lab.Stages
 open DiffBIR.Lab.Tests.TestSupport
 
+/// The whole official sampler.sample(...) through the library's one loop (SamplingLoop.Run over SampleStep).
+let private sampleAll (name: string) schedule options (model: CfgDenoiser) (xT: torch.Tensor) (steps: int) (noise: INoiseSource)
+                      (guide: Guide) (observer: Func<StepInfo, bool>) =
+    let stepper = DiffBIR.Lab.Stages.SampleStep(Samplers.Create(name, schedule, options), model)
+    use state = stepper.Start(xT, steps, noise)
+    match SamplingLoop.Run(stepper, state, guide, observer) with
+    | null -> raise (OperationCanceledException "sampling cancelled by the observer")
+    | z -> z
+
 let private guidedFixture () = Fixture.Load(fixture (Path.Combine("v2.0.0", "sampler_guided.safetensors")))
 
 /// A random text condition [1, 77, 32] (the tiny model's CLIP weights are not in sampler_guided.safetensors).
@@ -52,34 +61,37 @@ let ``v2.0.0 tiled noise prediction blends gaussian-weighted latent tiles and ti
 
 // ---------------------------------------------------------------- the user's ten-line loop
 
+/// The README's ten-line loop, verbatim between the markers, on the v2.0.0 sampler_guided fixture (variant c_wmse_rgb:
+/// spaced sampler, CFG 4, 5 steps, weighted-MSE guidance s = 0.5 in rgb space): the official latent z is reproduced,
+/// and the library's own loop (SamplingLoop.Run) gives exactly the same latent.
 [<Fact>]
-let ``a ten-line F# loop of restore, encode, sample-step, guide and decode gives exactly the built-in loop's latent`` () = oneThread <| fun () ->
+let ``the README's ten-line F# loop of restore, encode, sample-step, guide and decode reproduces the official v2.0.0 guided run`` () = oneThread <| fun () ->
     use f = guidedFixture ()
     use model = V2TinyModel.Load f
-    let restore = Restore(torch.nn.Identity())                 // any stage-1 cleaner
-    let encode = Encode(model)
-    let decode = Decode(model)
-    let lq = randomImage 3L 64L 64L
-    let cText, cNeg = randomText 4L, randomText 5L
-    let xT = (new SeededNoise(6L)).Next(torch.zeros(1L, 4L, 8L, 8L))
-    // ---- the loop
-    let restored = restore.Apply lq
-    let cond = Conditioning(cText, encode.Image restored)
-    let stepper = SampleStep(spaced 4.0, model, cond, Conditioning(cNeg, cond.CImage))
-    let guide = GuideStage.For(model, WeightedMseGuidance(Scale = 0.5), restored)
-    let mutable state = stepper.Start(xT, 4, new SeededNoise(231L))
+    let lq = f.In "clean"                                      // the fixture's stage-1 output; Identity stands in for the cleaner
+    let positive, negative = f.In "cond.c_txt", f.In "uncond.c_txt"
+    let xT, noise = f.In "x_T", ReplayNoise(V2TinyModel.Noise(f, "c_wmse_rgb"))
+    let restore, encode, decode = Restore(torch.nn.Identity()), Encode(model), Decode(model)
+    // ---- the loop (README, "The stages in ten lines")
+    let restored = restore.Apply lq                                             // I_RM
+    let cond = Conditioning(positive, encode.Image restored)                    // c = (c_txt, c_img)
+    let stepper = SampleStep(Samplers.Create("spaced", NoiseSchedule.V2, SamplerOptions(CfgScale = 4.0)), model, cond, Conditioning(negative, cond.CImage))
+    let guide = GuideStage.For(model, WeightedMseGuidance(Scale = 0.5), restored, noise)
+    let mutable state = stepper.Start(xT, 5, noise)
     while not state.IsDone do
         use _ = torch.NewDisposeScope()
-        let p = stepper.Predict state                           // ε̃ and x̂₀ at z_t
-        let g = guide.Apply p                                   // x̂₀ pulled toward the stage-1 result
-        state <- stepper.Step(state, p, g.X0)                   // z_t → z_{t−1}
+        let p = stepper.Predict state                                           // ε̃ and x̂₀ at z_t
+        state <- stepper.Step(state, p, (guide.Apply p).X0)                     // x̂₀ guided toward I_RM, then z_t → z_{t−1}
     let image = decode.Apply state.Latent
     // ----
-    let mine = state.Latent
-    use builtIn = stepper.Start(xT, 4, new SeededNoise(231L))
-    let theirs = stepper.Run(builtIn, guide)
-    (mine.equal(theirs).all().item<bool>()) |> should be True
+    let z, expected = state.Latent, f.Out "c_wmse_rgb.z"
+    noise.Used |> should equal noise.Count
+    float ((z - expected).abs().max().item<float32>() / expected.abs().max().item<float32>()) |> should be (lessThan 1e-5)
     image.shape |> should equal [| 1L; 3L; 64L; 64L |]
+    let noise2 = ReplayNoise(V2TinyModel.Noise(f, "c_wmse_rgb"))
+    use builtIn = stepper.Start(xT, 5, noise2)
+    let theirs = SamplingLoop.Run(stepper, builtIn, GuideStage.For(model, WeightedMseGuidance(Scale = 0.5), restored, noise2))
+    (z.equal(theirs).all().item<bool>()) |> should be True
     state.Dispose()
 
 /// A deterministic stand-in network: ε = 0.1·x + 0.01·(t/1000)·c_img.
@@ -105,7 +117,7 @@ let ``Predict, guide and Step by hand equal the built-in loop for every sampler,
         let p = stepper.Predict state
         state <- stepper.Step(state, p, (guide.Apply p).X0)
     use s2 = stepper.Start(xT, 6, new SeededNoise(52L))
-    let builtIn = stepper.Run(s2, guide)
+    let builtIn = SamplingLoop.Run(stepper, s2, guide)
     (state.Latent.equal(builtIn).all().item<bool>()) |> should be True
     state.Dispose()
 
@@ -128,7 +140,7 @@ let ``tiled sampling with rgb guidance on the blended x̂₀ runs with every til
         let stepper = SampleStep(spaced 1.0, tiled, cond)
         use state = stepper.Start(xT, 3, new SeededNoise(14L))
         let infos = ResizeArray<StepInfo>()
-        let z = stepper.Run(state, guide, fun i -> infos.Add i; true)
+        let z = SamplingLoop.Run(stepper, state, guide, fun i -> infos.Add i; true)
         z, infos
     let zPlain, _ = sample null
     let guide = GuideStage.For(model, MseGuidance(Scale = 2.0), restored)
@@ -165,7 +177,7 @@ let ``tiling wraps the network, so every sampler and CFG batching uses it: a pix
     let cond, neg = Conditioning(torch.zeros(1L, 77L, 8L), cImg), Conditioning(torch.ones(1L, 77L, 8L), cImg * 0.5)
     let sample (net: IDenoiser) =
         let xT = (new SeededNoise(61L)).Next(torch.zeros(1L, 4L, 14L, 12L))
-        SamplingLoop.Sample(name, NoiseSchedule.V2, SamplerOptions(CfgScale = 3.0), CfgDenoiser(net, cond, neg), xT, 4, new SeededNoise(62L))
+        sampleAll name NoiseSchedule.V2 (SamplerOptions(CfgScale = 3.0)) (CfgDenoiser(net, cond, neg)) xT 4 (new SeededNoise(62L)) null null
     let whole, tiled = sample toy, sample (TiledDenoiser(toy, 8, 4))
     let rel = (whole - tiled).abs().max().item<float32>() / whole.abs().max().item<float32>()
     float rel |> should be (lessThan 1e-5)
@@ -183,7 +195,7 @@ let ``the observer sees t, z_t, x̂₀ (decoded on request), loss and gradient n
     let xT = (new SeededNoise(23L)).Next(torch.zeros(1L, 4L, 8L, 8L))
     let seen = ResizeArray<int * int * float * float>()
     use state = stepper.Start(xT, 5, new SeededNoise(24L))
-    let z = stepper.Run(state, guide, (fun i ->
+    let z = SamplingLoop.Run(stepper, state, guide, (fun i ->
         i.Zt.shape |> should equal [| 1L; 4L; 8L; 8L |]
         i.PredictedX0.shape |> should equal [| 1L; 4L; 8L; 8L |]
         if i.Step = 0 then i.DecodePredictedX0().shape |> should equal [| 1L; 3L; 64L; 64L |]
@@ -193,9 +205,6 @@ let ``the observer sees t, z_t, x̂₀ (decoded on request), loss and gradient n
     state.IsDone |> should be False
     seen |> Seq.map (fun (s, t, _, _) -> s, t) |> List.ofSeq |> should equal [ (0, 999); (1, 749); (2, 500) ]
     seen |> Seq.forall (fun (_, _, l, n) -> l > 0.0 && n > 0.0) |> should be True
-    // the built-in whole-run call reports the cancellation as an exception
-    (fun () -> SamplingLoop.Sample("spaced", NoiseSchedule.V2, SamplerOptions(CfgScale = 1.0), CfgDenoiser(model, cond, null), xT, 5, new SeededNoise(24L), guide, fun _ -> false) |> ignore)
-    |> should throw typeof<OperationCanceledException>
 
 [<Fact>]
 let ``a used-up sampling state is refused: states are linear`` () = oneThread <| fun () ->
@@ -227,7 +236,7 @@ let ``30 guided sampling steps with the tiny model keep the number of live tenso
     let perStep = ResizeArray<int64>()
     let z =
         use state = stepper.Start(xT, 30, new SeededNoise(45L))
-        stepper.Run(state, guide, fun i -> perStep.Add(live ()); i.GuidanceApplied)
+        SamplingLoop.Run(stepper, state, guide, fun i -> perStep.Add(live ()); i.GuidanceApplied)
     perStep.Count |> should equal 30
     // the same count at the same point of every step (the observer runs inside the step's dispose scope); at step 0
     // the run's copy of x_T is also the current z_t, from step 1 on z_t is a tensor of its own: one more …

@@ -47,9 +47,10 @@ public sealed class SamplersCase : IParityCase
             new Conditioning(f.In("cond.c_txt"), f.In("cond.c_img")),
             new Conditioning(f.In("uncond.c_txt"), f.In("uncond.c_img")));
         var noise = new ReplayNoise(f.Tensors.GetValueOrDefault($"in.{name}.noise"));
-        using var r = sampler.Start(f.In("x_T"), steps, noise, recordSteps: true);
-        var z = SamplingLoop.Run(r, cfg)!;
-        var records = r.Records.Select(t => t.clone()).ToList();
+        var stepper = new Stages.SampleStep(sampler, cfg);
+        using var state = stepper.Start(f.In("x_T"), steps, noise, recordSteps: true);
+        var z = SamplingLoop.Run(stepper, state)!;
+        var records = state.Records.Select(t => t.clone()).ToList();
         return new Replay(name, sampler, z, records, model, noise.Used, noise.Count);
     }
 

@@ -60,7 +60,7 @@ public static class V2TinyModel
     {
         var values = new List<StepValues>();
         using var state = stepper.Start(xT, steps, noise, recordSteps: true);
-        var z = stepper.Run(state, guide, info =>
+        var z = SamplingLoop.Run(stepper, state, guide, info =>
         {
             values.Add(new StepValues(info.Output!.clone().MoveToOuterDisposeScope(), info.ModelX0!.clone().MoveToOuterDisposeScope(),
                 info.GuidanceApplied ? info.PredictedX0.clone().MoveToOuterDisposeScope() : null, info.GuidanceLoss));

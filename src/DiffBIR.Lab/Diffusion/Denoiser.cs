@@ -41,7 +41,7 @@ public enum CfgBatching
 
 /// <summary>
 /// One network evaluation a sampler needs: model input x (already scaled where the sampler scales it), model time t,
-/// the CFG scale for this evaluation, and how to combine. <see cref="Branch"/> maps each raw branch output into the
+/// the CFG scale for this evaluation, and how to combine. <see cref="ToMixingSpace"/> maps each raw branch output into the
 /// space where the official code mixes the branches (EDM: the denoised D(x, σ); DPM-Solver: ε); null = raw output.
 /// <see cref="ToX0"/> turns the combined output into the predicted clean latent x̂₀ (for observers and guidance) and
 /// <see cref="FromX0"/> maps a (guided) x̂₀ back to the combined-output space.
@@ -56,14 +56,14 @@ public sealed class ModelRequest
     /// <summary>Outer step index (0 = noisiest) this evaluation belongs to.</summary>
     public required int Step { get; init; }
     /// <summary>True for the first evaluation of a step (the one observers and guidance see).</summary>
-    public bool IsMain { get; init; } = true;
+    public bool IsFirstOfStep { get; init; } = true;
     /// <summary>The DDPM timestep (0..999) this evaluation stands for; guidance windows and schedules use it.</summary>
     public required int Timestep { get; init; }
     public required double CfgScale { get; init; }
     /// <summary>False where the official sampler skips the negative branch (scale exactly 1).</summary>
     public bool UseNegative { get; init; } = true;
     public CfgBatching Batching { get; init; } = CfgBatching.Separate;
-    public Func<Tensor, Tensor>? Branch { get; init; }
+    public Func<Tensor, Tensor>? ToMixingSpace { get; init; }
     public required Func<Tensor, Tensor> ToX0 { get; init; }
     public required Func<Tensor, Tensor> FromX0 { get; init; }
     /// <summary>∂x_next/∂x̂₀ of the step's update (the official v2.0.0 posterior_mean_coef1): guidance divides its
@@ -87,11 +87,11 @@ public sealed class CfgDenoiser
         Model = model; Positive = positive; Negative = negative;
     }
 
-    /// <summary>The combined output for one request (in the sampler's combination space, see <see cref="ModelRequest.Branch"/>).</summary>
+    /// <summary>The combined output for one request (in the sampler's combination space, see <see cref="ModelRequest.ToMixingSpace"/>).</summary>
     public Tensor Predict(ModelRequest r)
     {
         using var scope = torch.NewDisposeScope();
-        Func<Tensor, Tensor> br = r.Branch ?? (o => o);
+        Func<Tensor, Tensor> br = r.ToMixingSpace ?? (o => o);
         Tensor result;
         if (Negative is null || !r.UseNegative)
             result = br(Model.Forward(r.X, r.T, Positive));
@@ -122,6 +122,10 @@ public sealed class CfgDenoiser
     public static double ScaleAt(double cfgScale, bool rescale, double modelT)
     {
         if (!rescale || cfgScale <= 1) return cfgScale;
-        return 1 + cfgScale * ((1 - Math.Cos(Math.PI * Math.Pow((1000 - modelT) / 1000, 5.0))) / 2);
+        return Rescaled(cfgScale, Math.PI * Math.Pow((1000 - modelT) / 1000, 5.0));
     }
+
+    /// <summary>The rescaled-CFG formula itself, 1 + s·(1 − cos φ)/2 with φ = π((1000 − t)/1000)⁵ given by the caller
+    /// (DPM-Solver computes φ from its float32 continuous time, as its official model_wrapper does).</summary>
+    public static double Rescaled(double cfgScale, double phase) => 1 + cfgScale * ((1 - Math.Cos(phase)) / 2);
 }

@@ -53,9 +53,9 @@ public sealed class DdimSampler : Sampler
     protected internal override IEnumerable<ModelRequest> Run(SamplerContext ctx, Tensor xT, int steps)
     {
         var buf = Schedule64(steps, out var timesteps);
-        Tensor B(string k) => ctx.Persist(F32(buf[k]));
-        var alphas = B("ddim_alphas"); var alphasPrev = B("ddim_alphas_prev"); var sigmas = B("ddim_sigmas");
-        var sqrtA = B("ddim_sqrt_alphas"); var sqrt1mA = B("ddim_sqrt_one_minus_alphas");
+        Tensor Buffer(string k) => ctx.Persist(F32(buf[k]));
+        var alphas = Buffer("ddim_alphas"); var alphasPrev = Buffer("ddim_alphas_prev"); var sigmas = Buffer("ddim_sigmas");
+        var sqrtA = Buffer("ddim_sqrt_alphas"); var sqrt1mA = Buffer("ddim_sqrt_one_minus_alphas");
         int total = timesteps.Length;
         long bs = xT.shape[0];
         var x = xT;
@@ -65,20 +65,20 @@ public sealed class DdimSampler : Sampler
             var modelT = torch.full(new[] { bs }, step, ScalarType.Int64, device: xT.device);
             var t = torch.full(new[] { bs }, total - i - 1, ScalarType.Int64, device: xT.device);
             double cfg = CfgDenoiser.ScaleAt(Options.CfgScale, Options.RescaleCfg, step);
-            Tensor Ex(Tensor b) => b.gather(-1, t).reshape(bs, 1, 1, 1);
+            Tensor AtT(Tensor b) => b.gather(-1, t).reshape(bs, 1, 1, 1);
             var xs = x;
             Func<Tensor, Tensor> epsOf = Parameterization == Parameterization.Eps
                 ? o => o
-                : v => Ex(sqrtA) * v + Ex(sqrt1mA) * xs;   // official predict_eps_from_z_and_v
-            Func<Tensor, Tensor> toX0 = o => (xs - Ex(sqrt1mA) * epsOf(o)) / Ex(alphas).sqrt();
+                : v => AtT(sqrtA) * v + AtT(sqrt1mA) * xs;   // official predict_eps_from_z_and_v
+            Func<Tensor, Tensor> toX0 = o => (xs - AtT(sqrt1mA) * epsOf(o)) / AtT(alphas).sqrt();
             // x̂₀ → the model output that gives it (ε, or v = (√ᾱ x − x̂₀)/√(1−ᾱ)... expressed through ε).
             Func<Tensor, Tensor> fromX0 = x0 =>
             {
-                var eps = (xs - Ex(alphas).sqrt() * x0) / Ex(sqrt1mA);
-                return Parameterization == Parameterization.Eps ? eps : (eps - Ex(sqrt1mA) * xs) / Ex(sqrtA);
+                var eps = (xs - AtT(alphas).sqrt() * x0) / AtT(sqrt1mA);
+                return Parameterization == Parameterization.Eps ? eps : (eps - AtT(sqrt1mA) * xs) / AtT(sqrtA);
             };
             double aT = buf["ddim_alphas"][total - i - 1], aP = buf["ddim_alphas_prev"][total - i - 1], sT = buf["ddim_sigmas"][total - i - 1];
-            yield return ctx.Ask(new ModelRequest
+            yield return ctx.Issue(new ModelRequest
             {
                 X = x, T = modelT, Step = i, Timestep = step, CfgScale = cfg, UseNegative = cfg != 1.0,
                 Batching = CfgBatching.PositiveFirst, ToX0 = toX0, FromX0 = fromX0,
@@ -88,15 +88,15 @@ public sealed class DdimSampler : Sampler
             if (ctx.Guided)
             {
                 predX0 = ctx.PredictedX0;
-                eT = (x - Ex(alphas).sqrt() * predX0) / Ex(sqrt1mA);
+                eT = (x - AtT(alphas).sqrt() * predX0) / AtT(sqrt1mA);
             }
             else
             {
                 eT = epsOf(ctx.Output);
-                predX0 = (x - Ex(sqrt1mA) * eT) / Ex(alphas).sqrt();
+                predX0 = (x - AtT(sqrt1mA) * eT) / AtT(alphas).sqrt();
             }
-            var aPrev = Ex(alphasPrev);
-            var sigmaT = Ex(sigmas);
+            var aPrev = AtT(alphasPrev);
+            var sigmaT = AtT(sigmas);
             var dirXt = (1.0 - aPrev - sigmaT.pow(2)).sqrt() * eT;
             var noise = sigmaT * ctx.RandnLike(x);
             x = aPrev.sqrt() * predX0 + dirXt + noise;

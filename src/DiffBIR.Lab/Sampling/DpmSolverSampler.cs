@@ -113,7 +113,7 @@ public sealed class DpmSolverSampler : Sampler
         var prevTs = new List<int>();
 
         // The official lambda x, t: model_fn(x, t.expand(B)) → data (dpm++) or noise prediction.
-        ModelRequest Ask(Tensor xs, int ti, int step, params Tensor?[] keep)
+        ModelRequest Evaluate(Tensor xs, int ti, int step, params Tensor?[] keep)
         {
             var t = timesteps[ti];
             var tC = t.expand(bs);
@@ -123,7 +123,7 @@ public sealed class DpmSolverSampler : Sampler
             {
                 // model_wrapper applies the cosine schedule to its (float32) continuous model time, for any scale
                 var inner = Math.PI * ((1000 - tInput) / 1000).pow(5.0);
-                cfg = 1 + Options.CfgScale * ((1 - Math.Cos(inner.item<float>())) / 2);
+                cfg = CfgDenoiser.Rescaled(Options.CfgScale, inner.item<float>());
             }
             var alphaT = ns.MarginalAlpha(t); var sigmaT = ns.MarginalStd(t);
             Func<Tensor, Tensor>? branch = null;
@@ -157,10 +157,10 @@ public sealed class DpmSolverSampler : Sampler
             var r = new ModelRequest
             {
                 X = xs, T = tInput, Step = step, Timestep = (int)Math.Round(tInput[0].item<float>()), CfgScale = cfg,
-                UseNegative = Options.CfgScale != 1.0, Batching = CfgBatching.NegativeFirst, Branch = branch,
+                UseNegative = Options.CfgScale != 1.0, Batching = CfgBatching.NegativeFirst, ToMixingSpace = branch,
                 ToX0 = toX0, FromX0 = fromX0, X0Coefficient = coef,
             };
-            return ctx.Ask(r, keep.Append(alphaT).Append(sigmaT).Append(tC).ToArray());
+            return ctx.Issue(r, keep.Append(alphaT).Append(sigmaT).Append(tC).ToArray());
         }
         Tensor? delta = null;
         // ++: history = the model's x̂₀; the guide's shift of the newest entry goes into the next update only.
@@ -171,12 +171,12 @@ public sealed class DpmSolverSampler : Sampler
             return ctx.ModelX0;
         }
 
-        yield return Ask(x, 0, 0);
+        yield return Evaluate(x, 0, 0);
         prevModels.Add(ModelValue()); prevTs.Add(0);
         for (int step = 1; step < SolverOrder; step++)
         {
             x = Update(ns, x, prevModels, prevTs, timesteps, step, step, delta);
-            yield return Ask(x, step, step, delta is null ? prevModels.ToArray() : prevModels.Append(delta).ToArray());
+            yield return Evaluate(x, step, step, delta is null ? prevModels.ToArray() : prevModels.Append(delta).ToArray());
             prevTs.Add(step); prevModels.Add(ModelValue());
         }
         for (int step = SolverOrder; step <= steps; step++)
@@ -187,7 +187,7 @@ public sealed class DpmSolverSampler : Sampler
             prevTs[^1] = step;
             if (step < steps)
             {
-                yield return Ask(x, step, step, delta is null ? prevModels.ToArray() : prevModels.Append(delta).ToArray());
+                yield return Evaluate(x, step, step, delta is null ? prevModels.ToArray() : prevModels.Append(delta).ToArray());
                 prevModels[^1] = ModelValue();
             }
         }

@@ -50,7 +50,7 @@ public abstract class EdmSampler : Sampler
         public required SamplerContext Ctx;
         public required Tensor Sigmas;      // float32 [n+1]
         public required Tensor Timesteps;   // int64 [n+1]
-        public required Tensor SIn;         // ones [B]
+        public required Tensor OnesPerImage;   // ones [B] (k-diffusion s_in)
         public required EdmSampler Owner;
         public int N => (int)Sigmas.shape[0] - 1;
         public Tensor S(int i) => Sigmas[i];
@@ -65,7 +65,7 @@ public abstract class EdmSampler : Sampler
             Ctx = ctx, Owner = this,
             Sigmas = ctx.Persist(F32(s)),
             Timesteps = ctx.Persist(torch.tensor(t, ScalarType.Int64)),
-            SIn = ctx.Persist(torch.ones(new[] { xT.shape[0] }, xT.dtype, xT.device)),
+            OnesPerImage = ctx.Persist(torch.ones(new[] { xT.shape[0] }, xT.dtype, xT.device)),
         };
         var x = xT * torch.sqrt(1.0 + e.Sigmas[0].pow(2.0));
         return Solve(e, x);
@@ -80,7 +80,7 @@ public abstract class EdmSampler : Sampler
     /// </summary>
     protected ModelRequest Denoise(Edm e, Tensor x, Tensor sigma, Tensor? sigmaNext, int step, bool main, params Tensor?[] keep)
     {
-        var sig = sigma * e.SIn;                                   // sigma * s_in, [B]
+        var sig = sigma * e.OnesPerImage;                                   // sigma * s_in, [B]
         Tensor cSkip, cOut, cIn;
         var s2p1 = sig.pow(2) + 1.0;
         if (Parameterization == Parameterization.Eps)
@@ -101,14 +101,14 @@ public abstract class EdmSampler : Sampler
         double sH = sigma.item<float>(), sN = sigmaNext is null ? 0 : sigmaNext.item<float>();
         var r = new ModelRequest
         {
-            X = xIn, State = x, T = cNoise, Step = step, IsMain = main, Timestep = (int)t0, CfgScale = cfg,
+            X = xIn, State = x, T = cNoise, Step = step, IsFirstOfStep = main, Timestep = (int)t0, CfgScale = cfg,
             UseNegative = Options.CfgScale != 1.0,
             Batching = CfgBatching.Separate,
-            Branch = o => o * cOutB + x * cSkipB,
+            ToMixingSpace = o => o * cOutB + x * cSkipB,
             ToX0 = d => d, FromX0 = x0 => x0,
             X0Coefficient = sH > 0 ? 1 - sN / sH : 1,
         };
-        return e.Ctx.Ask(r, keep.Append(x).Append(cOutB).Append(cSkipB).ToArray());
+        return e.Ctx.Issue(r, keep.Append(x).Append(cOutB).Append(cSkipB).ToArray());
     }
 
     /// <summary>k-diffusion to_d: (x − D)/σ.</summary>

@@ -112,7 +112,7 @@ public sealed class SamplerContext
 
     /// <summary>Issues a request; <paramref name="keep"/> are the tensors the update rule still needs after it (every
     /// other tensor made during the step is freed by the step's dispose scope).</summary>
-    public ModelRequest Ask(ModelRequest r, params Tensor?[] keep)
+    public ModelRequest Issue(ModelRequest r, params Tensor?[] keep)
     {
         KeepNext = keep.Where(k => k is not null).Select(k => k!).ToArray();
         return r;

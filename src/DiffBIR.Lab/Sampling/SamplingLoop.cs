@@ -1,4 +1,3 @@
-using DiffBIR.Lab.Diffusion;
 using DiffBIR.Lab.Guidance;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -17,6 +16,8 @@ public sealed record StepInfo(int Step, int Timestep, Tensor Zt, Tensor Predicte
     public Tensor? Output { get; init; }
     /// <summary>x̂₀ as the network predicted it, before guidance.</summary>
     public Tensor? ModelX0 { get; init; }
+    /// <summary>The guidance scale the guide used at this step, s·f(t) (null where guidance did not act).</summary>
+    public double? GuidanceScale { get; init; }
     /// <summary>Latent → image, when the loop was given one (see <see cref="DecodePredictedX0"/>).</summary>
     public Func<Tensor, Tensor>? Decoder { get; init; }
 
@@ -30,23 +31,30 @@ public sealed record StepInfo(int Step, int Timestep, Tensor Zt, Tensor Predicte
 }
 
 /// <summary>
-/// The sample-step / guide loop, as a reusable driver built from the stages a notebook uses itself
-/// (<see cref="Stages.SampleStep"/>): for each step the CFG model output and x̂₀ (Predict), optional guidance of x̂₀
-/// (the first evaluation of each step only), the observer, then the sampler update (Step). Every step runs in its
+/// The sampling loop of the library (the pipeline's, the sweeps', the fixtures'), made of the stages a notebook uses
+/// itself (<see cref="Stages.SampleStep"/>): for each step the CFG model output and x̂₀ (Predict), optional guidance of
+/// x̂₀ (the first evaluation of each step only), the observer, then the sampler update (Step). Every step runs in its
 /// own dispose scope. The observer returns false to cancel: <see cref="Run"/> then returns null.
 /// </summary>
 public static class SamplingLoop
 {
-    public static Tensor? Run(SamplerRun run, CfgDenoiser model, Guide? guide = null, Func<StepInfo, bool>? observer = null,
-                              Func<Tensor, Tensor>? decoder = null) =>
-        // the same parts a notebook uses (Stages.SampleStep: Predict, guide, observer, Step)
-        new Stages.SampleStep(run.Sampler, model).Run(Stages.SamplingState.Of(run), guide, observer, decoder);
-
-    /// <summary>The whole official <c>sampler.sample(...)</c>: make the sampler from its name, run it from x_T.</summary>
-    public static Tensor Sample(string samplerType, NoiseSchedule schedule, SamplerOptions options, CfgDenoiser model,
-                                Tensor xT, int steps, INoiseSource noise, Guide? guide = null, Func<StepInfo, bool>? observer = null)
+    /// <summary>
+    /// Runs <paramref name="state"/> to the end. <paramref name="decoder"/> lets the observer decode x̂₀ on request
+    /// (<see cref="StepInfo.DecodePredictedX0"/>). Returns the sampled latent z₀ (owned by the caller), or null when the
+    /// observer cancelled; the run stays undisposed — dispose <paramref name="state"/> when done with it.
+    /// </summary>
+    public static Tensor? Run(Stages.SampleStep stepper, Stages.SamplingState state, Guide? guide = null,
+                              Func<StepInfo, bool>? observer = null, Func<Tensor, Tensor>? decoder = null)
     {
-        using var run = Samplers.Create(samplerType, schedule, options).Start(xT, steps, noise);
-        return Run(run, model, guide, observer) ?? throw new OperationCanceledException("sampling cancelled by the observer");
+        while (!state.IsDone)
+        {
+            using var scope = torch.NewDisposeScope();
+            var p = stepper.Predict(state);
+            var g = guide is null ? null : Stages.GuideExtensions.Apply(guide, p);
+            var guided = g is { Applied: true } ? g.X0 : null;
+            if (observer is not null && !observer(Stages.SampleStep.StepInfoOf(p, g, decoder))) return null;
+            state = stepper.Step(state, p, guided);
+        }
+        return state.Latent;
     }
 }

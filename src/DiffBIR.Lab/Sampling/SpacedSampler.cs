@@ -66,10 +66,10 @@ public sealed class SpacedSampler : Sampler
     protected internal override IEnumerable<ModelRequest> Run(SamplerContext ctx, Tensor xT, int steps)
     {
         var buf = Schedule64(steps, out var timesteps);
-        Tensor B(string k) => ctx.Persist(F32(buf[k]));
-        var sqrtAc = B("sqrt_alphas_cumprod"); var sqrt1mAc = B("sqrt_one_minus_alphas_cumprod");
-        var recip = B("sqrt_recip_alphas_cumprod"); var recipm1 = B("sqrt_recipm1_alphas_cumprod");
-        var c1 = B("posterior_mean_coef1"); var c2 = B("posterior_mean_coef2"); var pvar = B("posterior_variance");
+        Tensor Buffer(string k) => ctx.Persist(F32(buf[k]));
+        var sqrtAc = Buffer("sqrt_alphas_cumprod"); var sqrt1mAc = Buffer("sqrt_one_minus_alphas_cumprod");
+        var recip = Buffer("sqrt_recip_alphas_cumprod"); var recipm1 = Buffer("sqrt_recipm1_alphas_cumprod");
+        var c1 = Buffer("posterior_mean_coef1"); var c2 = Buffer("posterior_mean_coef2"); var pvar = Buffer("posterior_variance");
         long bs = xT.shape[0];
         var x = xT;
         for (int i = 0; i < steps; i++)
@@ -80,14 +80,14 @@ public sealed class SpacedSampler : Sampler
             var t = torch.full(new[] { bs }, index, ScalarType.Int64, device: xT.device);
             double cfg = CfgDenoiser.ScaleAt(Options.CfgScale, Options.RescaleCfg, step);
             var xs = x;
-            Tensor Ex(Tensor a) => a.gather(-1, t).reshape(bs, 1, 1, 1);
+            Tensor AtT(Tensor a) => a.gather(-1, t).reshape(bs, 1, 1, 1);
             Func<Tensor, Tensor> toX0 = Parameterization == Parameterization.Eps
-                ? eps => Ex(recip) * xs - Ex(recipm1) * eps
-                : v => Ex(sqrtAc) * xs - Ex(sqrt1mAc) * v;
+                ? eps => AtT(recip) * xs - AtT(recipm1) * eps
+                : v => AtT(sqrtAc) * xs - AtT(sqrt1mAc) * v;
             Func<Tensor, Tensor> fromX0 = Parameterization == Parameterization.Eps
-                ? x0 => (Ex(recip) * xs - x0) / Ex(recipm1)
-                : x0 => (Ex(sqrtAc) * xs - x0) / Ex(sqrt1mAc);
-            yield return ctx.Ask(new ModelRequest
+                ? x0 => (AtT(recip) * xs - x0) / AtT(recipm1)
+                : x0 => (AtT(sqrtAc) * xs - x0) / AtT(sqrt1mAc);
+            yield return ctx.Issue(new ModelRequest
             {
                 X = x, T = modelT, Step = i, Timestep = step, CfgScale = cfg,
                 // official apply_model: `if uncond is None or cfg_scale == 1.0` with the per-step (rescaled) scale
@@ -95,8 +95,8 @@ public sealed class SpacedSampler : Sampler
                 ToX0 = toX0, FromX0 = fromX0, X0Coefficient = c1[index].item<float>(),
             }, x, t);
             var predX0 = ctx.PredictedX0;
-            var mean = Ex(c1) * predX0 + Ex(c2) * x;
-            var variance = Ex(pvar);
+            var mean = AtT(c1) * predX0 + AtT(c2) * x;
+            var variance = AtT(pvar);
             var noise = ctx.RandnLike(x);
             var nonzero = t.ne(0).to(ScalarType.Float32).view(-1, 1, 1, 1);
             x = mean + nonzero * torch.sqrt(variance) * noise;

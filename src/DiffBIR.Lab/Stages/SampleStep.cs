@@ -53,7 +53,7 @@ public sealed class SamplingState : IDisposable
 
 /// <summary>
 /// What the network predicts at a state (one classifier-free-guided evaluation): the combined model output
-/// (ε, v or the EDM denoised D, per the sampler's <see cref="ModelRequest.Branch"/>) and the predicted clean latent
+/// (ε, v or the EDM denoised D, per the sampler's <see cref="ModelRequest.ToMixingSpace"/>) and the predicted clean latent
 /// x̂₀ = (z_t − √(1−ᾱ_t) ε)/√ᾱ_t (or the sampler's equivalent), which guidance may replace.
 /// Tensors are created in the caller's dispose scope, except <see cref="Latent"/>, which belongs to the run.
 /// </summary>
@@ -83,6 +83,7 @@ public sealed class Prediction
 /// sampler's update rule with that prediction — or with a guided x̂₀ in its place — and returns the next state.
 /// Samplers that evaluate the network more than once per step (Heun, DPM-2, DPM++ 2S / SDE) make their extra
 /// evaluations inside <see cref="Step"/>; guidance and observers see the first one, as in the official code.
+/// <see cref="SamplingLoop.Run"/> is the one loop over these steps (the pipeline's too); a notebook may write its own:
 /// <code>
 /// let mutable state = stepper.Start(xT, steps, noise)
 /// while not state.IsDone do
@@ -128,7 +129,7 @@ public sealed class SampleStep
         if (ReferenceEquals(guidedX0, prediction.PredictedX0)) guidedX0 = null;
         state.Run.Step(prediction.Output, guidedX0);
         // The solver's further evaluations of the same step (Heun's corrector, …): answered with the plain network.
-        while (!state.Run.IsDone && !state.Run.Request!.IsMain)
+        while (!state.Run.IsDone && !state.Run.Request!.IsFirstOfStep)
         {
             using var scope = torch.NewDisposeScope();
             state.Run.Step(Model.Predict(state.Run.Request!));
@@ -136,31 +137,11 @@ public sealed class SampleStep
         return new SamplingState(state.Run);
     }
 
-    /// <summary>
-    /// The built-in sampling loop, made of the stages above: for each step, in its own dispose scope, Predict, the guide
-    /// (optional), the observer (optional; false cancels and returns null) and Step. <paramref name="decoder"/> lets
-    /// the observer decode x̂₀ on request (<see cref="StepInfo.DecodePredictedX0"/>). Returns the sampled latent z₀
-    /// (owned by the caller); the run stays undisposed — dispose <paramref name="state"/> when done with it.
-    /// </summary>
-    public Tensor? Run(SamplingState state, Guide? guide = null, Func<StepInfo, bool>? observer = null, Func<Tensor, Tensor>? decoder = null)
-    {
-        while (!state.IsDone)
-        {
-            using var scope = torch.NewDisposeScope();
-            var p = Predict(state);
-            var g = guide?.Apply(p);
-            var guided = g is { Applied: true } ? g.X0 : null;
-            if (observer is not null && !observer(StepInfoOf(p, g, decoder))) return null;
-            state = Step(state, p, guided);
-        }
-        return state.Latent;
-    }
-
     /// <summary>What the observer sees for one step.</summary>
     public static StepInfo StepInfoOf(Prediction p, GuideResult? g, Func<Tensor, Tensor>? decoder = null) =>
         new(p.Step, p.Timestep, p.Latent, g is { Applied: true } ? g.X0 : p.PredictedX0, g?.Applied ?? false, g?.Loss, g?.GradientNorm)
         {
-            Output = p.Output, ModelX0 = p.PredictedX0, Decoder = decoder,
+            Output = p.Output, ModelX0 = p.PredictedX0, Decoder = decoder, GuidanceScale = g is { Applied: true } ? g.Scale : null,
         };
 }
 
