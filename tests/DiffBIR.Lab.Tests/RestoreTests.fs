@@ -91,13 +91,32 @@ let ``guidance options reach the pipeline: wmse with a patch size and a schedule
     let m = JsonNode.Parse(File.ReadAllText(dir.File "out/a.json"))
     m.["settings"].["guidance"].GetValue<string>() |> should equal "wmse"
     m.["settings"].["g_patch"].GetValue<int>() |> should equal 4
-    // what the pipeline used: at every guided step the scale in effect is 0.5·f(t), f linear 0 at t=999 → 1 at t=0
+    m.["settings"].["g_scale"].GetValue<float>() |> should equal 0.5
+    m.["settings"].["g_schedule"].GetValue<string>() |> should equal "linear 0→1"
+    // what the guide used (reported by the pipeline per step, not recomputed by the CLI): at every guided step the
+    // scale in effect is 0.5·f(t), f linear 0 at t=999 → 1 at t=0
     let steps = m.["guidance_steps"].AsArray()
     steps.Count |> should equal 2
     for st in steps do
         let t = st.["t"].GetValue<int>()
         st.["scale"].GetValue<float>() |> should (equalWithin 1e-12) (0.5 * (1.0 - float t / 999.0))
         st.["loss"].GetValue<float>() |> should be (greaterThan 0.0)
+
+[<Fact>]
+let ``the preset's defaults hold where no option is given, and the manifest writes the effective options`` () =
+    use dir = new TempDir()
+    use ok = new Image<Rgb24>(16, 16)
+    ok.SaveAsPng(dir.File "a.png")
+    // tiny-random's defaults: 2 steps (official 10), otherwise inference.py's; only --cfg is given
+    let code, log = run [ "restore"; "--input"; dir.File "a.png"; "--output"; dir.File "out"; "--preset"; "tiny-random"; "--cfg"; "3" ]
+    Assert.True((code = 0), log)
+    let settings = JsonNode.Parse(File.ReadAllText(dir.File "out/a.json")).["settings"]
+    settings.["steps"].GetValue<int>() |> should equal 2
+    settings.["cfg"].GetValue<float>() |> should equal 3.0
+    settings.["sampler"].GetValue<string>() |> should equal "edm_dpm++_3m_sde"
+    settings.["start_point"].GetValue<string>() |> should equal "noise"
+    settings.["neg_prompt"].GetValue<string>() |> should equal DiffBIR.Lab.Pipeline.PipelineOptions.DefaultNegPrompt
+    settings.["guidance"].GetValue<string>() |> should equal "none"
 
 [<Fact>]
 let ``consecutive tiny restorations in one process leave no native tensors behind`` () =

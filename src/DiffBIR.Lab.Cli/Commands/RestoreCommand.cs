@@ -36,8 +36,9 @@ public sealed class RestoreSettings : CommandSettings
     [CommandOption("--controlnet-ckpt <FILE>")] [Description("custom preset: the IRControlNet checkpoint.")]
     public string? ControlNetCkpt { get; set; }
 
-    [CommandOption("--sampler <NAME>")] [Description("spaced, ddim, dpm++_m2, edm_euler, edm_euler_a, edm_heun, edm_dpm_2, edm_dpm_2_a, edm_lms, edm_dpm++_2s_a, edm_dpm++_sde, edm_dpm++_2m, edm_dpm++_2m_sde, edm_dpm++_3m_sde (default).")]
-    public string Sampler { get; set; } = "edm_dpm++_3m_sde";
+    // Every pipeline knob below is null (or off) unless given: the preset's defaults (Preset.Defaults) hold the rest.
+    [CommandOption("--sampler <NAME>")] [Description("spaced, ddim, dpm++_m2, edm_euler, edm_euler_a, edm_heun, edm_dpm_2, edm_dpm_2_a, edm_lms, edm_dpm++_2s_a, edm_dpm++_sde, edm_dpm++_2m, edm_dpm++_2m_sde, edm_dpm++_3m_sde (default: the preset's — edm_dpm++_3m_sde, the official default; tiny ddim).")]
+    public string? Sampler { get; set; }
     [CommandOption("--steps <N>")] [Description("Sampling steps (default: the preset's — 10, the official default; tiny-random 2).")]
     public int? Steps { get; set; }
     [CommandOption("--cfg <SCALE>")] [Description("Classifier-free guidance scale (default: the preset's — 6, the official default; tiny 1).")]
@@ -48,16 +49,16 @@ public sealed class RestoreSettings : CommandSettings
     [CommandOption("--neg-prompt <TEXT>")] [Description("Negative prompt (default: the preset's — the official one; tiny \"\").")]
     public string? NegPrompt { get; set; }
     [CommandOption("--strength <S>")] [Description("Control strength (default 1).")]
-    public double Strength { get; set; } = 1.0;
-    [CommandOption("--noise-aug <T>")] public int NoiseAug { get; set; }
-    [CommandOption("--start-point <KIND>")] [Description("noise (default) or cond.")]
-    public string StartPoint { get; set; } = "noise";
-    [CommandOption("--s-churn <X>")] public double SChurn { get; set; }
-    [CommandOption("--s-tmin <X>")] public double STmin { get; set; }
-    [CommandOption("--s-tmax <X>")] public double STmax { get; set; } = 300;
-    [CommandOption("--s-noise <X>")] public double SNoise { get; set; } = 1;
-    [CommandOption("--eta <X>")] public double Eta { get; set; } = 1;
-    [CommandOption("--order <N>")] public int Order { get; set; } = 1;
+    public double? Strength { get; set; }
+    [CommandOption("--noise-aug <T>")] public int? NoiseAug { get; set; }
+    [CommandOption("--start-point <KIND>")] [Description("noise (default), cond, or low_frequency (the paper version's better start).")]
+    public string? StartPoint { get; set; }
+    [CommandOption("--s-churn <X>")] public double? SChurn { get; set; }
+    [CommandOption("--s-tmin <X>")] public double? STmin { get; set; }
+    [CommandOption("--s-tmax <X>")] public double? STmax { get; set; }
+    [CommandOption("--s-noise <X>")] public double? SNoise { get; set; }
+    [CommandOption("--eta <X>")] public double? Eta { get; set; }
+    [CommandOption("--order <N>")] public int? Order { get; set; }
 
     [CommandOption("--guidance <KIND>")] [Description("Restoration guidance: none (default), mse or wmse (region-adaptive, W = 1 − G(I_RM)).")]
     public string Guidance { get; set; } = "none";
@@ -74,15 +75,15 @@ public sealed class RestoreSettings : CommandSettings
     public string GSchedule { get; set; } = "constant";
 
     [CommandOption("--cleaner-tiled")] public bool CleanerTiled { get; set; }
-    [CommandOption("--cleaner-tile-size <N>")] public int CleanerTileSize { get; set; } = 512;
-    [CommandOption("--cleaner-tile-stride <N>")] public int CleanerTileStride { get; set; } = 256;
+    [CommandOption("--cleaner-tile-size <N>")] public int? CleanerTileSize { get; set; }
+    [CommandOption("--cleaner-tile-stride <N>")] public int? CleanerTileStride { get; set; }
     [CommandOption("--vae-encoder-tiled")] public bool VaeEncoderTiled { get; set; }
-    [CommandOption("--vae-encoder-tile-size <N>")] public int VaeEncoderTileSize { get; set; } = 256;
+    [CommandOption("--vae-encoder-tile-size <N>")] public int? VaeEncoderTileSize { get; set; }
     [CommandOption("--vae-decoder-tiled")] public bool VaeDecoderTiled { get; set; }
-    [CommandOption("--vae-decoder-tile-size <N>")] public int VaeDecoderTileSize { get; set; } = 256;
+    [CommandOption("--vae-decoder-tile-size <N>")] public int? VaeDecoderTileSize { get; set; }
     [CommandOption("--cldm-tiled")] public bool CldmTiled { get; set; }
-    [CommandOption("--cldm-tile-size <N>")] public int CldmTileSize { get; set; } = 512;
-    [CommandOption("--cldm-tile-stride <N>")] public int CldmTileStride { get; set; } = 256;
+    [CommandOption("--cldm-tile-size <N>")] public int? CldmTileSize { get; set; }
+    [CommandOption("--cldm-tile-stride <N>")] public int? CldmTileStride { get; set; }
 
     [CommandOption("--precision <P>")] [Description("fp32 (default), fp16 or bf16.")]
     public string Precision { get; set; } = "fp32";
@@ -113,7 +114,7 @@ public sealed class RestoreSettings : CommandSettings
         if (Task is not ("sr" or "face" or "denoise")) return ValidationResult.Error($"--task: must be sr, face or denoise (got '{Task}')");
         if (Guidance is not ("none" or "mse" or "wmse")) return ValidationResult.Error("--guidance: must be none, mse or wmse");
         if (GSpace is not ("rgb" or "latent")) return ValidationResult.Error("--g-space: must be rgb or latent");
-        if (StartPoint is not ("noise" or "cond")) return ValidationResult.Error("--start-point: must be noise or cond");
+        if (StartPoint is not (null or "noise" or "cond" or "low_frequency")) return ValidationResult.Error("--start-point: must be noise, cond or low_frequency");
         if (Precision is not ("fp32" or "fp16" or "bf16")) return ValidationResult.Error("--precision: must be fp32, fp16 or bf16");
         if (Device is not ("cpu" or "cuda")) return ValidationResult.Error("--device: must be cpu or cuda");
         return ValidationResult.Success();
@@ -187,64 +188,36 @@ public sealed class RestoreCommand : Command<RestoreSettings>
             throw new ArgumentException($"-o {s.Output}: is the folder the inputs are read from; restored images would replace or mix with them — choose another folder");
     }
 
-    static string ChoosePreset(RestoreSettings s)
-    {
-        if (s.Preset != null) return s.Preset;
-        var manifest = Path.Combine(s.Weights, "manifest.json");
-        if (File.Exists(manifest))
-        {
-            var m = DiffBIR.Lab.Weights.WeightsManifest.Load(manifest);
-            foreach (var p in new[] { "v2.1", "v2", "v1" })
-                if (m.Missing(s.Weights, p, s.Task).Count == 0) return p;
-        }
-        return "tiny";
-    }
+    static string ChoosePreset(RestoreSettings s) => s.Preset ?? Presets.ChooseInstalled(s.Weights, s.Task);
 
-    /// <summary>The guidance of the settings, or null (official default: none).</summary>
+    /// <summary>The guidance of the settings, or null (official default: none). A schedule multiplies --g-scale.</summary>
     internal static RestorationGuidance? MakeGuidance(RestoreSettings s)
     {
         if (s.Guidance == "none") return null;
-        var schedule = ParseSchedule(s.GSchedule, s.GScale);
+        GuidanceSchedule? schedule;
+        try { schedule = GuidanceSchedule.Parse(s.GSchedule); }
+        catch (FormatException e) { throw new OptionException("--g-schedule", e.Message); }
         var space = s.GSpace == "latent" ? GuidanceSpace.Latent : GuidanceSpace.Rgb;
         return s.Guidance == "mse"
             ? new MseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule }
             : new WeightedMseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule, PatchSize = s.GPatch };
     }
 
-    /// <summary>"constant", "linear:A:B", "cosine:A:B", "piecewise:T=S,T=S".</summary>
-    internal static GuidanceSchedule? ParseSchedule(string spec, double scale)
+    /// <summary>The preset's defaults with the options that were given on the command line (and nothing else) applied.</summary>
+    static PipelineOptions MakeOptions(RestoreSettings s, PipelineOptions d, RestorationGuidance? guidance, long seed) => d with
     {
-        static double D(string x) => double.Parse(x, CultureInfo.InvariantCulture);
-        var parts = spec.Split(':');
-        try
-        {
-            return parts[0] switch
-            {
-                "constant" => null,
-                "linear" when parts.Length == 3 => GuidanceSchedule.Linear(D(parts[1]), D(parts[2])),
-                "cosine" when parts.Length == 3 => GuidanceSchedule.Cosine(D(parts[1]), D(parts[2])),
-                "piecewise" when parts.Length == 2 => GuidanceSchedule.Piecewise(parts[1].Split(',')
-                    .Select(p => p.Split('=')).Select(kv => (int.Parse(kv[0], CultureInfo.InvariantCulture), D(kv[1]))).ToArray()),
-                _ => throw new FormatException(),
-            };
-        }
-        catch (Exception e) when (e is FormatException or IndexOutOfRangeException)
-        {
-            throw new ArgumentException($"--g-schedule '{spec}': expected constant, linear:A:B, cosine:A:B or piecewise:T=S,T=S,…");
-        }
-    }
-
-    static PipelineOptions MakeOptions(RestoreSettings s, RestorationGuidance? guidance, long seed) => new()
-    {
-        Steps = s.Steps ?? 10, Strength = s.Strength, Sampler = s.Sampler, CfgScale = s.Cfg ?? 6.0, RescaleCfg = s.RescaleCfg,
-        PosPrompt = s.PosPrompt ?? PipelineOptions.DefaultPosPrompt, NegPrompt = s.NegPrompt ?? PipelineOptions.DefaultNegPrompt, NoiseAug = s.NoiseAug,
-        StartPointType = s.StartPoint == "cond" ? Pipeline.StartPoint.Cond : Pipeline.StartPoint.Noise,
-        SChurn = s.SChurn, STmin = s.STmin, STmax = s.STmax, SNoise = s.SNoise, Eta = s.Eta, Order = s.Order,
-        CleanerTiled = s.CleanerTiled, CleanerTileSize = s.CleanerTileSize, CleanerTileStride = s.CleanerTileStride,
-        VaeEncoderTiled = s.VaeEncoderTiled, VaeEncoderTileSize = s.VaeEncoderTileSize,
-        VaeDecoderTiled = s.VaeDecoderTiled, VaeDecoderTileSize = s.VaeDecoderTileSize,
-        CldmTiled = s.CldmTiled, CldmTileSize = s.CldmTileSize, CldmTileStride = s.CldmTileStride,
-        Seed = seed, Guidance = guidance,
+        Steps = s.Steps ?? d.Steps, Strength = s.Strength ?? d.Strength, Sampler = s.Sampler ?? d.Sampler, CfgScale = s.Cfg ?? d.CfgScale,
+        RescaleCfg = s.RescaleCfg || d.RescaleCfg, PosPrompt = s.PosPrompt ?? d.PosPrompt, NegPrompt = s.NegPrompt ?? d.NegPrompt,
+        NoiseAug = s.NoiseAug ?? d.NoiseAug,
+        StartPointType = s.StartPoint is { } sp ? PipelineOptions.ParseStartPoint(sp) : d.StartPointType,
+        SChurn = s.SChurn ?? d.SChurn, STmin = s.STmin ?? d.STmin, STmax = s.STmax ?? d.STmax, SNoise = s.SNoise ?? d.SNoise,
+        Eta = s.Eta ?? d.Eta, Order = s.Order ?? d.Order,
+        CleanerTiled = s.CleanerTiled || d.CleanerTiled, CleanerTileSize = s.CleanerTileSize ?? d.CleanerTileSize,
+        CleanerTileStride = s.CleanerTileStride ?? d.CleanerTileStride,
+        VaeEncoderTiled = s.VaeEncoderTiled || d.VaeEncoderTiled, VaeEncoderTileSize = s.VaeEncoderTileSize ?? d.VaeEncoderTileSize,
+        VaeDecoderTiled = s.VaeDecoderTiled || d.VaeDecoderTiled, VaeDecoderTileSize = s.VaeDecoderTileSize ?? d.VaeDecoderTileSize,
+        CldmTiled = s.CldmTiled || d.CldmTiled, CldmTileSize = s.CldmTileSize ?? d.CldmTileSize, CldmTileStride = s.CldmTileStride ?? d.CldmTileStride,
+        Seed = seed, Guidance = guidance ?? d.Guidance,
     };
 
     int Run(RestoreSettings s, CancellationToken ct)
@@ -255,14 +228,10 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         CheckOutputFolder(s);
         var presetName = ChoosePreset(s);
         var spec = Presets.Get(presetName);
-        s.Steps ??= spec.Defaults.Steps;          // the preset's default unless given; the manifest records the effective value
-        s.Cfg ??= spec.Defaults.CfgScale;
-        s.PosPrompt ??= spec.Defaults.PosPrompt;
-        s.NegPrompt ??= spec.Defaults.NegPrompt;
         var task = Presets.ParseTask(s.Task);
         double upscale = s.Upscale ?? (task == RestorationTask.Sr ? 4 : 1);
         var guidance = MakeGuidance(s);
-        var checkedOptions = MakeOptions(s, guidance, s.Seed);
+        var checkedOptions = MakeOptions(s, spec.Defaults, guidance, s.Seed);   // the manifest records these, the effective options
         PipelineChecks.Validate(checkedOptions);
         if (inputs.Count == 0) { CliErrors.Print($"-i {s.Input}: no images (PNG, JPEG, BMP, TIFF, WebP) in this folder"); return 2; }
         var stems = OutputStems(inputs);
@@ -294,7 +263,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         var build = new BuildOptions
         {
             Upscale = upscale,
-            Precision = s.Precision switch { "fp16" => Pipeline.Precision.Fp16, "bf16" => Pipeline.Precision.Bf16, _ => Pipeline.Precision.Fp32 },
+            Precision = Presets.ParsePrecision(s.Precision),
             Device = device,
             Custom = presetName == "custom"
                 ? new CustomCheckpoints(s.SdCkpt ?? throw new ArgumentException("--sd-ckpt: required with --version custom"),
@@ -302,14 +271,14 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                                         s.ControlNetCkpt ?? throw new ArgumentException("--controlnet-ckpt: required with --version custom"))
                 : null,
         };
-        AnsiConsole.MarkupLine($"preset [bold]{presetName}[/], task {s.Task}, ×{upscale}, sampler {Markup.Escape(s.Sampler)} {s.Steps} steps, cfg {s.Cfg}, guidance {s.Guidance}, {s.Precision} on {s.Device}, {threads} threads");
+        AnsiConsole.MarkupLine($"preset [bold]{presetName}[/], task {s.Task}, ×{upscale}, sampler {Markup.Escape(checkedOptions.Sampler)} {checkedOptions.Steps} steps, cfg {checkedOptions.CfgScale}, guidance {s.Guidance}, {s.Precision} on {s.Device}, {threads} threads");
         if (presetName == "tiny-random") AnsiConsole.MarkupLine("[yellow]tiny-random preset: random fixture-sized networks, NOT a trained model — outputs only exercise the pipeline[/]");
         if (presetName == "tiny") AnsiConsole.MarkupLine("[yellow]tiny preset: a tiny DiffBIR trained on procedural images (weights/tiny) — for experiments, not for photos[/]");
 
         Directory.CreateDirectory(s.Output);
         using var preset = Presets.Build(presetName, s.Task, s.Weights, build);
         var checkpoints = CheckpointHashes(preset, s, presetName);
-        var settings = SettingsJson(s, presetName, upscale, threads);
+        var settings = SettingsJson(s, checkedOptions, presetName, upscale, threads);
         bool stop = false;
 
         // The work: one item per (image, sample); up-to-date outputs are skipped before anything runs.
@@ -376,7 +345,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                         }
                         if (batch.Count == 0) continue;
                         var names = batch.Count == 1 ? batch[0].Item.Stem : $"{batch[0].Item.Stem} (+{batch.Count - 1})";
-                        var task = pctx.AddTask(Markup.Escape(names), maxValue: s.Steps ?? 10);
+                        var task = pctx.AddTask(Markup.Escape(names), maxValue: checkedOptions.Steps);
                         var t0 = System.Diagnostics.Stopwatch.StartNew();
                         try
                         {
@@ -384,15 +353,16 @@ public sealed class RestoreCommand : Command<RestoreSettings>
                             var lqBatch = batch.Count == 1 ? batch[0].Lq : torch.cat(batch.Select(b => b.Lq).ToArray(), 0);
                             using var noise = batch.Count == 1 ? null : new BatchNoise(batch.Select(b => b.Item.Seed).ToArray());
                             var guided = new JsonArray();
-                            preset.Pipeline.StepObserver = info =>
+                            bool OnStep(DiffBIR.Lab.Sampling.StepInfo info)
                             {
                                 task.Increment(1);
-                                if (info.GuidanceApplied && guidance is not null)
-                                    guided.Add(new JsonObject { ["step"] = info.Step, ["t"] = info.Timestep, ["scale"] = guidance.ScaleAt(info.Timestep), ["loss"] = info.GuidanceLoss });
-                                return !ct.IsCancellationRequested;
-                            };
-                            var options = MakeOptions(s, guidance, batch[0].Item.Seed) with { Noise = noise };
-                            using var result = preset.Restore(lqBatch, options);
+                                // what the guide did: the scale it used, s·f(t), and its loss
+                                if (info.GuidanceApplied)
+                                    guided.Add(new JsonObject { ["step"] = info.Step, ["t"] = info.Timestep, ["scale"] = info.GuidanceScale, ["loss"] = info.GuidanceLoss });
+                                return true;
+                            }
+                            var options = MakeOptions(s, spec.Defaults, guidance, batch[0].Item.Seed) with { Noise = noise };
+                            using var result = preset.Restore(lqBatch, options, stepObserver: OnStep, cancellation: ct);
                             double seconds = Math.Round(t0.Elapsed.TotalSeconds / batch.Count, 3);
                             for (int n = 0; n < batch.Count; n++)
                             {
@@ -503,21 +473,16 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         return result;
     }
 
-    static JsonObject SettingsJson(RestoreSettings s, string preset, double upscale, int threads) => new()
+    /// <summary>The effective pipeline options (the preset's defaults with the given overrides; the seed is per output)
+    /// and the run's own settings.</summary>
+    static JsonObject SettingsJson(RestoreSettings s, PipelineOptions effective, string preset, double upscale, int threads)
     {
-        ["preset"] = preset, ["task"] = s.Task, ["upscale"] = upscale,
-        ["sampler"] = s.Sampler, ["steps"] = s.Steps, ["cfg"] = s.Cfg, ["rescale_cfg"] = s.RescaleCfg,
-        ["pos_prompt"] = s.PosPrompt, ["neg_prompt"] = s.NegPrompt, ["strength"] = s.Strength, ["noise_aug"] = s.NoiseAug,
-        ["start_point"] = s.StartPoint, ["s_churn"] = s.SChurn, ["s_tmin"] = s.STmin, ["s_tmax"] = s.STmax, ["s_noise"] = s.SNoise,
-        ["eta"] = s.Eta, ["order"] = s.Order,
-        ["guidance"] = s.Guidance, ["g_scale"] = s.GScale, ["g_start"] = s.GStart, ["g_stop"] = s.GStop, ["g_space"] = s.GSpace,
-        ["g_repeat"] = s.GRepeat, ["g_patch"] = s.GPatch, ["g_schedule"] = s.GSchedule,
-        ["cleaner_tiled"] = s.CleanerTiled, ["cleaner_tile_size"] = s.CleanerTileSize, ["cleaner_tile_stride"] = s.CleanerTileStride,
-        ["vae_encoder_tiled"] = s.VaeEncoderTiled, ["vae_encoder_tile_size"] = s.VaeEncoderTileSize,
-        ["vae_decoder_tiled"] = s.VaeDecoderTiled, ["vae_decoder_tile_size"] = s.VaeDecoderTileSize,
-        ["cldm_tiled"] = s.CldmTiled, ["cldm_tile_size"] = s.CldmTileSize, ["cldm_tile_stride"] = s.CldmTileStride,
-        ["precision"] = s.Precision, ["device"] = s.Device, ["threads"] = threads, ["batch_size"] = s.BatchSize,
-    };
+        var o = new JsonObject { ["preset"] = preset, ["task"] = s.Task, ["upscale"] = upscale };
+        foreach (var (k, v) in effective.ToJson())
+            if (k is not ("seed" or "noise")) o[k] = v?.DeepClone();
+        o["precision"] = s.Precision; o["device"] = s.Device; o["threads"] = threads; o["batch_size"] = s.BatchSize;
+        return o;
+    }
 
     /// <summary>What makes an output reusable: settings, input bytes, seed and checkpoint bytes.</summary>
     static string SkipKey(JsonObject settings, string inputSha, long seed, SortedDictionary<string, string> checkpoints)

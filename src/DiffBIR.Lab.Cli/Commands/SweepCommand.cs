@@ -61,15 +61,7 @@ public sealed class SweepCommand : Command<SweepCommandSettings>
     static string ChoosePreset(SweepCommandSettings s, SweepSpec spec)
     {
         if (s.Preset != null) { Presets.Get(s.Preset); return s.Preset; }
-        if (spec.Preset != null) return spec.Preset;
-        var manifest = Path.Combine(s.Weights, "manifest.json");
-        if (File.Exists(manifest))
-        {
-            var m = DiffBIR.Lab.Weights.WeightsManifest.Load(manifest);
-            foreach (var p in new[] { "v2.1", "v2", "v1" })
-                if (m.Missing(s.Weights, p, spec.Task).Count == 0) return p;
-        }
-        return "tiny";
+        return spec.Preset ?? Presets.ChooseInstalled(s.Weights, spec.Task);
     }
 
     static int Run(SweepCommandSettings s, CancellationToken ct)
@@ -89,7 +81,7 @@ public sealed class SweepCommand : Command<SweepCommandSettings>
         var build = new BuildOptions
         {
             Upscale = spec.EffectiveUpscale,
-            Precision = spec.Precision switch { "fp16" => Precision.Fp16, "bf16" => Precision.Bf16, _ => Precision.Fp32 },
+            Precision = Presets.ParsePrecision(spec.Precision),
             Device = device,
         };
         // the spec is expanded (and every value checked) before any network is built

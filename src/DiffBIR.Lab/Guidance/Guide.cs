@@ -3,8 +3,11 @@ using static TorchSharp.torch;
 
 namespace DiffBIR.Lab.Guidance;
 
-/// <summary>What one application of guidance did.</summary>
-public sealed record GuideResult(Tensor X0, bool Applied, double? Loss, double? GradientNorm);
+/// <summary>What one application of guidance did; <see cref="Scale"/> is the paper scale it used, s·f(t) (null when not applied).</summary>
+public sealed record GuideResult(Tensor X0, bool Applied, double? Loss, double? GradientNorm)
+{
+    public double? Scale { get; init; }
+}
 
 /// <summary>
 /// The "guide" stage: x̂₀ ← x̂₀ + Δ/c for every repeat, where Δ is the latent-space gradient of the guidance loss
@@ -60,6 +63,6 @@ public sealed class Guide
             x0 = x0 + delta * rescale;
         }
         double norm = total!.norm().item<float>();
-        return new GuideResult(x0.detach().MoveToOuterDisposeScope(), true, losses.Average(), norm);
+        return new GuideResult(x0.detach().MoveToOuterDisposeScope(), true, losses.Average(), norm) { Scale = Guidance.ScaleAt(t) };
     }
 }

@@ -9,7 +9,7 @@ public enum GuidanceSpace { Rgb, Latent }
 /// <summary>
 /// Restoration guidance (paper §3.3; official <c>diffbir/utils/cond_fn.py</c>, after GDP): a loss L(x̂₀, target)
 /// between the predicted clean image and the stage-1 restoration, whose gradient nudges x̂₀ at every step of the
-/// window. Conventions kept from the official code: the scale s is stored as s·3000 (<see cref="InternalScale"/>),
+/// window. Conventions kept from the official code: the scale s is stored as s·3000 (official <c>internal_scale</c>),
 /// g = −∂L/∂pred · s·3000, the loss is Σ_batch mean_CHW(·) (so the effective step shrinks with the image size), the
 /// window is t_stop &lt; t+1 &lt; t_start (strict, with the model timestep t), and the update repeats
 /// <see cref="Repeat"/> times. Beyond the official code: a per-timestep scale <see cref="Schedule"/>.
@@ -24,9 +24,6 @@ public abstract class RestorationGuidance
     public int Repeat { get; init; } = 1;
     /// <summary>A factor f(t) of <see cref="Scale"/> (t = model timestep, 999 … 0): s(t) = s · f(t). Null: f = 1.</summary>
     public GuidanceSchedule? Schedule { get; init; }
-
-    /// <summary>The official stored value: s·3000.</summary>
-    public double InternalScale => Scale * 3000;
 
     /// <summary>The paper scale in effect at model timestep t: s · f(t).</summary>
     public double ScaleAt(int t) => Scale * (Schedule?.At(t) ?? 1.0);

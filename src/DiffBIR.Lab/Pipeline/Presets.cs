@@ -98,14 +98,15 @@ public sealed class PresetPipeline : IDisposable
     /// <summary>The whole official inference loop for one uint8 [N, H, W, 3] input: the loop's pre-upscale where the
     /// preset has one, then <see cref="RestorationPipeline.Run"/> with the preset's defaults (overridden by
     /// <paramref name="options"/>).</summary>
-    public RestorationResult Restore(Tensor lqUint8Nhwc, PipelineOptions? options = null)
+    public RestorationResult Restore(Tensor lqUint8Nhwc, PipelineOptions? options = null, Action<PipelineEvent>? observer = null,
+        Func<Sampling.StepInfo, bool>? stepObserver = null, CancellationToken cancellation = default)
     {
         var o = options ?? Preset.Defaults;
         PipelineChecks.Validate(o);
         Presets.CheckSizes(Preset, Task, Upscale, lqUint8Nhwc.shape[1], lqUint8Nhwc.shape[2], "input", o);
-        if (!Preset.PreUpscale(Task)) return Pipeline.Run(lqUint8Nhwc, o);
+        if (!Preset.PreUpscale(Task)) return Pipeline.Run(lqUint8Nhwc, o, observer, stepObserver, cancellation);
         using var up = PilResize.Upscale(lqUint8Nhwc, Upscale);
-        return Pipeline.Run(up, o);
+        return Pipeline.Run(up, o, observer, stepObserver, cancellation);
     }
 
     /// <summary>The conditioning half of <see cref="Restore"/> (the loop's pre-upscale, then
@@ -186,6 +187,29 @@ public static class Presets
 
     /// <summary>Whether a preset is one of the two tiny ones (128-px condition, no official files).</summary>
     public static bool IsTiny(string presetName) => presetName is "tiny" or "tiny-random";
+
+    /// <summary>
+    /// The preset a run uses when none is named: the newest official one whose files are all in
+    /// <paramref name="weightsDir"/> for <paramref name="task"/> (v2.1, then v2, then v1), else the trained tiny one.
+    /// </summary>
+    public static string ChooseInstalled(string weightsDir, string task)
+    {
+        var manifest = Path.Combine(weightsDir, "manifest.json");
+        if (File.Exists(manifest))
+        {
+            var m = WeightsManifest.Load(manifest);
+            foreach (var p in new[] { "v2.1", "v2", "v1" })
+                if (m.Missing(weightsDir, p, task).Count == 0) return p;
+        }
+        return "tiny";
+    }
+
+    /// <summary>The official <c>--precision</c> names: fp32, fp16, bf16 (anything else is refused naming the option).</summary>
+    public static Precision ParsePrecision(string name) => name switch
+    {
+        "fp32" => Precision.Fp32, "fp16" => Precision.Fp16, "bf16" => Precision.Bf16,
+        _ => throw new OptionException("--precision", $"must be fp32, fp16 or bf16 (got '{name}')"),
+    };
 
     public static PresetSpec Get(string name) => All.FirstOrDefault(p => p.Name == name)
         ?? throw new ArgumentException($"unknown preset '{name}' (known: {string.Join(", ", All.Select(p => p.Name))})");

@@ -1,3 +1,4 @@
+using System.Text.Json.Nodes;
 using DiffBIR.Lab.Diffusion;
 using DiffBIR.Lab.Models;
 using DiffBIR.Lab.Sampling;
@@ -97,6 +98,40 @@ public sealed record PipelineOptions
     public Guidance.RestorationGuidance? Guidance { get; init; }
 
     public SamplerOptions SamplerOptions => new(CfgScale, RescaleCfg, SChurn, STmin, STmax, SNoise, Eta, Order);
+
+    /// <summary>
+    /// The effective options as JSON for manifests, by the <c>restore</c> command's names (snake_case of its options):
+    /// what the pipeline runs with, defaults included. A recorded noise source is named, not written.
+    /// </summary>
+    public JsonObject ToJson() => new()
+    {
+        ["sampler"] = Sampler, ["steps"] = Steps, ["cfg"] = CfgScale, ["rescale_cfg"] = RescaleCfg,
+        ["pos_prompt"] = PosPrompt, ["neg_prompt"] = NegPrompt, ["strength"] = Strength, ["noise_aug"] = NoiseAug,
+        ["start_point"] = StartPointName(StartPointType), ["s_churn"] = SChurn, ["s_tmin"] = STmin, ["s_tmax"] = STmax,
+        ["s_noise"] = SNoise, ["eta"] = Eta, ["order"] = Order, ["seed"] = Seed,
+        ["noise"] = Noise is null ? "seeded" : Noise.GetType().Name,
+        ["guidance"] = Guidance switch { null => "none", global::DiffBIR.Lab.Guidance.WeightedMseGuidance => "wmse", global::DiffBIR.Lab.Guidance.MseGuidance => "mse", var g => g.GetType().Name },
+        ["g_scale"] = Guidance?.Scale, ["g_start"] = Guidance?.TStart, ["g_stop"] = Guidance?.TStop,
+        ["g_space"] = Guidance is null ? null : Guidance.Space == global::DiffBIR.Lab.Guidance.GuidanceSpace.Latent ? "latent" : "rgb",
+        ["g_repeat"] = Guidance?.Repeat, ["g_patch"] = (Guidance as global::DiffBIR.Lab.Guidance.WeightedMseGuidance)?.PatchSize,
+        ["g_schedule"] = Guidance is null ? null : Guidance.Schedule?.Description ?? "constant",
+        ["cleaner_tiled"] = CleanerTiled, ["cleaner_tile_size"] = CleanerTileSize, ["cleaner_tile_stride"] = CleanerTileStride,
+        ["vae_encoder_tiled"] = VaeEncoderTiled, ["vae_encoder_tile_size"] = VaeEncoderTileSize,
+        ["vae_decoder_tiled"] = VaeDecoderTiled, ["vae_decoder_tile_size"] = VaeDecoderTileSize,
+        ["vae_tiling"] = VaeTiling == VaeTiling.GaussianBlend ? "gaussian_blend" : "shared_group_norm", ["vae_tile_stride"] = VaeTileStride,
+        ["cldm_tiled"] = CldmTiled, ["cldm_tile_size"] = CldmTileSize, ["cldm_tile_stride"] = CldmTileStride,
+        ["pad_multiple"] = PadMultiple,
+    };
+
+    /// <summary>The CLI's names of the start points: noise, cond, low_frequency.</summary>
+    public static string StartPointName(StartPoint p) => p switch { StartPoint.Cond => "cond", StartPoint.LowFrequency => "low_frequency", _ => "noise" };
+
+    /// <summary>The start point of a CLI name (noise, cond, low_frequency); anything else is refused naming <c>--start-point</c>.</summary>
+    public static StartPoint ParseStartPoint(string name) => name switch
+    {
+        "noise" => StartPoint.Noise, "cond" => StartPoint.Cond, "low_frequency" => StartPoint.LowFrequency,
+        _ => throw new OptionException("--start-point", $"must be noise, cond or low_frequency (got '{name}')"),
+    };
 
     /// <summary>The official defaults of inference.py at HEAD (what <c>new PipelineOptions()</c> gives).</summary>
     public static PipelineOptions Head { get; } = new();
@@ -469,11 +504,10 @@ public sealed class RestorationPipeline : IDisposable
             IDenoiser model = cldmTiled ? new TiledDenoiser(Cldm, o.CldmTileSize / 8, o.CldmTileStride / 8) : Cldm;
             // target 2·padded − 1; latent-space guidance re-encodes it with posterior draws from the run's noise
             var guide = o.Guidance is null ? null : Stages.GuideStage.For(Cldm, o.Guidance, padded, noise);
-            var cfg = new CfgDenoiser(model, pos, neg);
-            var sampler = Samplers.Create(o.Sampler, Schedule, o.SamplerOptions);
+            var stepper = new Stages.SampleStep(Samplers.Create(o.Sampler, Schedule, o.SamplerOptions), model, pos, neg);
             Tensor zFull;
-            using (var run = sampler.Start(xT, o.Steps, noise))
-                zFull = SamplingLoop.Run(run, cfg, guide, onStep, z => Cldm.VaeDecode(z))
+            using (var state = stepper.Start(xT, o.Steps, noise))
+                zFull = SamplingLoop.Run(stepper, state, guide, onStep, z => Cldm.VaeDecode(z))
                     ?? throw new OperationCanceledException(cancellation.IsCancellationRequested ? "sampling cancelled" : "sampling cancelled by the observer");
             // the run's result belongs to us and lives outside any scope: keep the crop, free the handle
             var z = zFull[.., .., ..(int)h1, ..(int)w1].clone();

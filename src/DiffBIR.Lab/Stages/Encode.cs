@@ -10,7 +10,7 @@ namespace DiffBIR.Lab.Stages;
 /// The encode stage: the stage-1 restoration I_RM (RGB in [0, 1]) and a prompt → the condition of the IRControlNet
 /// (official <c>ControlLDM.prepare_condition</c>): the condition latent c_img = E(2·I_RM − 1)·0.18215 (VAE posterior
 /// mode, no sampling) and the text embedding c_txt (OpenCLIP, penultimate layer). The negative condition of
-/// classifier-free guidance shares c_img and differs in the text: <see cref="Negative"/>.
+/// classifier-free guidance shares c_img and differs in the text (<see cref="Text"/> of the negative prompt).
 /// </summary>
 public sealed class Encode
 {
@@ -40,10 +40,6 @@ public sealed class Encode
         using var _ = torch.no_grad();
         return Model.clip.Encode(Enumerable.Repeat(prompt, batch).ToArray());
     }
-
-    /// <summary>The negative condition c⁻ for classifier-free guidance: the same c_img with the negative prompt's text.</summary>
-    public Conditioning Negative(Conditioning positive, string negativePrompt) =>
-        positive with { CText = Text(negativePrompt, (int)positive.CImage.shape[0]) };
 
     /// <summary>The guidance target in the decoder's range: 2·I_RM − 1 (as the official run_stage2 loads it).</summary>
     public static Tensor Target(Tensor restored) => restored * 2 - 1;
