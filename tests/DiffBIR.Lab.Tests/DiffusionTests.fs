@@ -16,15 +16,6 @@ let private ti (i: int) = torch.TensorIndex.Single(int64 i)
 let private sl (a: int) (b: int) = torch.TensorIndex.Slice(int64 a, int64 b)
 let private maxAbs (a: torch.Tensor) (b: torch.Tensor) = (a - b).abs().max().item<float32>() |> float
 
-/// The whole official sampler.sample(...) through the library's one loop (SamplingLoop.Run over SampleStep).
-let private sampleAll (name: string) schedule options (model: CfgDenoiser) (xT: torch.Tensor) (steps: int) (noise: INoiseSource)
-                      (guide: Guide) (observer: Func<StepInfo, bool>) =
-    let stepper = DiffBIR.Lab.Stages.SampleStep(Samplers.Create(name, schedule, options), model)
-    use state = stepper.Start(xT, steps, noise)
-    match SamplingLoop.Run(stepper, state, guide, observer) with
-    | null -> raise (OperationCanceledException "sampling cancelled by the observer")
-    | z -> z
-
 // ---------------------------------------------------------------- parity
 
 [<Fact>]

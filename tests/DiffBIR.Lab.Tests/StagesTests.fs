@@ -16,14 +16,6 @@ open DiffBIR.Lab.Parity
 open DiffBIR.Lab.Stages
 open DiffBIR.Lab.Tests.TestSupport
 
-/// The whole official sampler.sample(...) through the library's one loop (SamplingLoop.Run over SampleStep).
-let private sampleAll (name: string) schedule options (model: CfgDenoiser) (xT: torch.Tensor) (steps: int) (noise: INoiseSource)
-                      (guide: Guide) (observer: Func<StepInfo, bool>) =
-    let stepper = DiffBIR.Lab.Stages.SampleStep(Samplers.Create(name, schedule, options), model)
-    use state = stepper.Start(xT, steps, noise)
-    match SamplingLoop.Run(stepper, state, guide, observer) with
-    | null -> raise (OperationCanceledException "sampling cancelled by the observer")
-    | z -> z
 
 let private guidedFixture () = Fixture.Load(fixture (Path.Combine("v2.0.0", "sampler_guided.safetensors")))
 

@@ -48,6 +48,16 @@ let assertParity (relative: string) =
     Assert.True((report.Status = CaseStatus.Pass), sprintf "%s: %O %s\n%s" relative report.Status (defaultArg (Option.ofObj report.Message) "") failures)
     report
 
+/// The whole official sampler.sample(...) through the library's one loop (SamplingLoop.Run over SampleStep); an
+/// observer that cancels raises OperationCanceledException.
+let sampleAll (name: string) schedule options (model: DiffBIR.Lab.Diffusion.CfgDenoiser) (xT: TorchSharp.torch.Tensor) (steps: int)
+              (noise: DiffBIR.Lab.Diffusion.INoiseSource) (guide: DiffBIR.Lab.Guidance.Guide) (observer: Func<DiffBIR.Lab.Sampling.StepInfo, bool>) =
+    let stepper = DiffBIR.Lab.Stages.SampleStep(DiffBIR.Lab.Sampling.Samplers.Create(name, schedule, options), model)
+    use state = stepper.Start(xT, steps, noise)
+    match DiffBIR.Lab.Sampling.SamplingLoop.Run(stepper, state, guide, observer) with
+    | null -> raise (OperationCanceledException "sampling cancelled by the observer")
+    | z -> z
+
 /// Tests that change libtorch's process-wide thread count run alone (after the parallel ones): another test running
 /// meanwhile would compute with that count, and some kernels round differently with 1 thread than with 2.
 [<CollectionDefinition("torch-threads", DisableParallelization = true)>]

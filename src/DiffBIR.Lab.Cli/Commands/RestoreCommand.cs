@@ -81,6 +81,12 @@ public sealed class RestoreSettings : CommandSettings
     [CommandOption("--vae-encoder-tile-size <N>")] public int? VaeEncoderTileSize { get; set; }
     [CommandOption("--vae-decoder-tiled")] public bool VaeDecoderTiled { get; set; }
     [CommandOption("--vae-decoder-tile-size <N>")] public int? VaeDecoderTileSize { get; set; }
+    [CommandOption("--vae-tiling <KIND>")] [Description("shared_group_norm (HEAD's tiled VAE, default) or gaussian_blend (the paper version's: tiles encoded / decoded alone and blended).")]
+    public string? VaeTiling { get; set; }
+    [CommandOption("--vae-tile-stride <N>")] [Description("gaussian_blend: pixels between VAE tiles (default 256).")]
+    public int? VaeTileStride { get; set; }
+    [CommandOption("--pad-multiple <N>")] [Description("Pad the condition image to a multiple of N px (default: HEAD's rule, 64 or 8 when tiled; the paper version 64).")]
+    public int? PadMultiple { get; set; }
     [CommandOption("--cldm-tiled")] public bool CldmTiled { get; set; }
     [CommandOption("--cldm-tile-size <N>")] public int? CldmTileSize { get; set; }
     [CommandOption("--cldm-tile-stride <N>")] public int? CldmTileStride { get; set; }
@@ -114,6 +120,7 @@ public sealed class RestoreSettings : CommandSettings
         if (Task is not ("sr" or "face" or "denoise")) return ValidationResult.Error($"--task: must be sr, face or denoise (got '{Task}')");
         if (Guidance is not ("none" or "mse" or "wmse")) return ValidationResult.Error("--guidance: must be none, mse or wmse");
         if (GSpace is not ("rgb" or "latent")) return ValidationResult.Error("--g-space: must be rgb or latent");
+        if (VaeTiling is not (null or "shared_group_norm" or "gaussian_blend")) return ValidationResult.Error("--vae-tiling: must be shared_group_norm or gaussian_blend");
         if (StartPoint is not (null or "noise" or "cond" or "low_frequency")) return ValidationResult.Error("--start-point: must be noise, cond or low_frequency");
         if (Precision is not ("fp32" or "fp16" or "bf16")) return ValidationResult.Error("--precision: must be fp32, fp16 or bf16");
         if (Device is not ("cpu" or "cuda")) return ValidationResult.Error("--device: must be cpu or cuda");
@@ -216,6 +223,8 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         CleanerTileStride = s.CleanerTileStride ?? d.CleanerTileStride,
         VaeEncoderTiled = s.VaeEncoderTiled || d.VaeEncoderTiled, VaeEncoderTileSize = s.VaeEncoderTileSize ?? d.VaeEncoderTileSize,
         VaeDecoderTiled = s.VaeDecoderTiled || d.VaeDecoderTiled, VaeDecoderTileSize = s.VaeDecoderTileSize ?? d.VaeDecoderTileSize,
+        VaeTiling = s.VaeTiling is { } vt ? (vt == "gaussian_blend" ? Pipeline.VaeTiling.GaussianBlend : Pipeline.VaeTiling.SharedGroupNorm) : d.VaeTiling,
+        VaeTileStride = s.VaeTileStride ?? d.VaeTileStride, PadMultiple = s.PadMultiple ?? d.PadMultiple,
         CldmTiled = s.CldmTiled || d.CldmTiled, CldmTileSize = s.CldmTileSize ?? d.CldmTileSize, CldmTileStride = s.CldmTileStride ?? d.CldmTileStride,
         Seed = seed, Guidance = guidance ?? d.Guidance,
     };

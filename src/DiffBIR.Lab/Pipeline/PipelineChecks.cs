@@ -59,6 +59,15 @@ public static class PipelineChecks
         if (o.CleanerTiled) Tile("--cleaner-tile-size", o.CleanerTileSize, "--cleaner-tile-stride", o.CleanerTileStride, 8);
         if (o.VaeEncoderTiled) Tile("--vae-encoder-tile-size", o.VaeEncoderTileSize, null, 0, 8);
         if (o.VaeDecoderTiled) Tile("--vae-decoder-tile-size", o.VaeDecoderTileSize, null, 0, 8);
+        if (o.VaeTiling == VaeTiling.GaussianBlend && (o.VaeEncoderTiled || o.VaeDecoderTiled))
+        {
+            // v2.0.0's blended VAE tiles: the stride counts in latent pixels too
+            if (o.VaeEncoderTiled) Tile("--vae-encoder-tile-size", o.VaeEncoderTileSize, "--vae-tile-stride", o.VaeTileStride, 8);
+            if (o.VaeDecoderTiled) Tile("--vae-decoder-tile-size", o.VaeDecoderTileSize, "--vae-tile-stride", o.VaeTileStride, 8);
+            if (o.VaeTileStride % 8 != 0) throw new OptionException("--vae-tile-stride", $"{o.VaeTileStride} px must be a multiple of 8 px (one latent pixel)");
+        }
+        if (o.PadMultiple is { } pad && (pad < 8 || pad % 8 != 0))
+            throw new OptionException("--pad-multiple", $"{pad} px must be a positive multiple of 8 px (the VAE's downsampling)");
         if (o.CldmTiled) Tile("--cldm-tile-size", o.CldmTileSize, "--cldm-tile-stride", o.CldmTileStride, 64);
         if (o.CldmTiled && o.CldmTileStride % 8 != 0)
             throw new OptionException("--cldm-tile-stride", $"{o.CldmTileStride} px must be a multiple of 8 px (one latent pixel)");
