@@ -44,7 +44,7 @@ app.Configure(c =>
     {
         b.SetDescription("Benchmarks (not tests).");
         b.AddCommand<BenchBuildCommand>("build").WithDescription("Build the full-size networks on the CPU (float32) and report time, parameters and memory.");
-        b.AddCommand<BenchPipelineCommand>("pipeline").WithDescription("Time the full-size v2 pipeline (random weights) on a GPU: s/image, ms/step, peak memory, FLOPs and floor.");
+        b.AddCommand<BenchPipelineCommand>("pipeline").WithDescription("Time the full-size v2 pipeline (random weights): s/image, peak memory per stage, counted FLOPs, FLOP/s and its fraction of the measured matmul peak.");
         b.AddCommand<BenchMetricsCommand>("metrics").WithDescription("Images/s of each image-quality metric on the CPU (random weights, timing only).");
         b.AddCommand<BenchMemoryCommand>("memory").WithDescription("Run the tiny pipeline N times in one process; print RSS and live tensors per run.");
     });

@@ -87,21 +87,7 @@ public sealed class BenchBuildCommand : Command<BenchBuildSettings>
 
     static string Gb(long bytes) => (bytes / (1024.0 * 1024 * 1024)).ToString("0.00", CultureInfo.InvariantCulture) + " GiB";
 
-    internal static long Rss() => StatusKb("VmRSS:") ?? Environment.WorkingSet;
+    internal static long Rss() => ProcessMemory.Rss();
 
-    static long PeakRss() => StatusKb("VmHWM:") ?? Process.GetCurrentProcess().PeakWorkingSet64;
-
-    /// <summary>A field of /proc/self/status in bytes (Linux); null elsewhere.</summary>
-    static long? StatusKb(string field)
-    {
-        try
-        {
-            foreach (var line in File.ReadLines("/proc/self/status"))
-                if (line.StartsWith(field, StringComparison.Ordinal))
-                    return long.Parse(line[field.Length..].Trim().Split(' ')[0], CultureInfo.InvariantCulture) * 1024;
-        }
-        catch (IOException) { }
-        catch (UnauthorizedAccessException) { }
-        return null;
-    }
+    static long PeakRss() => ProcessMemory.PeakRss();
 }

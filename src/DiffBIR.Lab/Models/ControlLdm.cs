@@ -121,6 +121,9 @@ public sealed class ControlLDM : nn.Module, IDenoiser
     /// <summary>Latent → image in about [-1, 1]: decode(z / 0.18215); tiled with tiles of <paramref name="tileSize"/> latent pixels.</summary>
     public Tensor VaeDecode(Tensor z, bool tiled = false, int tileSize = -1)
     {
+        // The decoder at full resolution is the peak of a run: give the heap back what earlier stages freed first
+        // (not under autograd: guidance decodes at every step, where the heap is busy anyway).
+        if (!torch.is_grad_enabled() && z.device_type == DeviceType.CPU) NativeHeap.ReleaseFreed();
         using var scope = torch.NewDisposeScope();
         if (!tiled) return vae.DecodeScaled(z).MoveToOuterDisposeScope();
         var h = vae.post_quant_conv_forward(vae.FromDiffusionLatent(z));

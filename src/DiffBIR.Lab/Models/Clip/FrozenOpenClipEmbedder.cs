@@ -95,7 +95,7 @@ public sealed class PackedSelfAttention : nn.Module<Tensor, Tensor?, Tensor>
         long n = x.shape[0], l = x.shape[1], c = x.shape[2];
         var qkv = nn.functional.linear(x, in_proj_weight, in_proj_bias).reshape(n, l, 3, heads, c / heads).permute(2, 0, 3, 1, 4);
         var o = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask: mask);
-        return out_proj.forward(o.transpose(1, 2).reshape(n, l, c)).MoveToOuterDisposeScope();
+        return out_proj.Run(o.transpose(1, 2).reshape(n, l, c)).MoveToOuterDisposeScope();
     }
 }
 
@@ -121,7 +121,7 @@ public sealed class ResidualAttentionBlock : nn.Module<Tensor, Tensor?, Tensor>
     public override Tensor forward(Tensor x, Tensor? mask)
     {
         using var scope = torch.NewDisposeScope();
-        x = x + attn.forward(ln_1.forward(x), mask);
+        x = x + attn.Run(ln_1.forward(x), mask);
         x = x + mlp.forward(ln_2.forward(x));
         return x.MoveToOuterDisposeScope();
     }

@@ -134,7 +134,7 @@ public sealed class TimestepEmbedSequential : nn.Module<Tensor, Tensor, Tensor, 
             {
                 ITimestepBlock tb => tb.forward(h, emb),
                 SpatialTransformer st => st.forward(h, context),
-                nn.Module<Tensor, Tensor> m => m.forward(h),
+                nn.Module<Tensor, Tensor> m => m.Run(h),
                 _ => throw new InvalidOperationException($"unsupported layer {layer.GetType().Name}"),
             };
             if (!ReferenceEquals(h, x)) h.Dispose();
@@ -181,7 +181,7 @@ public sealed class ResBlock : nn.Module<Tensor, Tensor, Tensor>, ITimestepBlock
         // The timestep embedding is cast to the features' dtype (official `.type(h.dtype)`).
         var embOut = emb_layers.forward(emb).to_type(h.dtype).unsqueeze(-1).unsqueeze(-1);
         h = out_layers.forward(h + embOut);
-        return (skip_connection.forward(x) + h).MoveToOuterDisposeScope();
+        return (skip_connection.Run(x) + h).MoveToOuterDisposeScope();
     }
 }
 
@@ -196,7 +196,7 @@ public sealed class Downsample : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x) => op.forward(x);
+    public override Tensor forward(Tensor x) => op.Run(x);
 }
 
 /// <summary>Official <c>Upsample</c> with conv_resample=True: nearest ×2, then a 3×3 conv.</summary>
@@ -213,7 +213,7 @@ public sealed class Upsample : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var up = nn.functional.interpolate(x, scale_factor: new[] { 2.0, 2.0 }, mode: InterpolationMode.Nearest);
-        return conv.forward(up);
+        return conv.Run(up);
     }
 }
 
@@ -249,32 +249,35 @@ public sealed class CrossAttention : nn.Module<Tensor, Tensor?, Tensor>
     {
         using var scope = torch.NewDisposeScope();
         var c = context ?? x;
-        var q = SplitHeads(to_q.forward(x));
-        var k = SplitHeads(to_k.forward(c));
-        var v = SplitHeads(to_v.forward(c));
+        long b = x.shape[0], n = x.shape[1];
+        var q = Heads4(to_q.Run(x));
+        var k = Heads4(to_k.Run(c));
+        var v = Heads4(to_v.Run(c));
         Tensor o;
         if (Mode == AttentionMode.Vanilla)
         {
-            // einsum("b i d, b j d -> b i j", q.float(), k.float()) * scale; softmax; einsum with v.
-            var sim = torch.matmul(q.to_type(ScalarType.Float32), k.to_type(ScalarType.Float32).transpose(1, 2)) * Scale;
+            // einsum("b i d, b j d -> b i j", q.float(), k.float()) * scale over (b h); softmax; einsum with v.
+            var sim = torch.matmul(q.to_type(ScalarType.Float32), k.to_type(ScalarType.Float32).transpose(-2, -1)) * Scale;
             var w = sim.softmax(-1);
             o = torch.matmul(w.dtype == v.dtype ? w : w.to_type(v.dtype), v);
         }
         else
         {
+            // [b, h, n, d]: libtorch's CPU flash-attention kernel takes only 4-D inputs; given the official 3-D
+            // [(b h), n, d] layout it falls back to the math path, which materialises the n×n scores (two 640 MiB
+            // tensors per attention of the UNet at a 64×64 latent with CFG).
             o = nn.functional.scaled_dot_product_attention(q, k, v);
         }
-        // (b h) n d -> b n (h d)
-        long bh = o.shape[0], n = o.shape[1];
-        o = o.reshape(bh / Heads, Heads, n, DimHead).permute(0, 2, 1, 3).reshape(bh / Heads, n, Heads * DimHead);
+        // b h n d -> b n (h d)
+        o = o.permute(0, 2, 1, 3).reshape(b, n, Heads * DimHead);
         return to_out.forward(o).MoveToOuterDisposeScope();
     }
 
-    /// <summary>b n (h d) → (b h) n d.</summary>
-    Tensor SplitHeads(Tensor t)
+    /// <summary>b n (h d) → b h n d (a view).</summary>
+    Tensor Heads4(Tensor t)
     {
         long b = t.shape[0], n = t.shape[1];
-        return t.reshape(b, n, Heads, DimHead).permute(0, 2, 1, 3).reshape(b * Heads, n, DimHead);
+        return t.reshape(b, n, Heads, DimHead).permute(0, 2, 1, 3);
     }
 }
 
@@ -292,7 +295,7 @@ public sealed class GEGLU : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        var parts = proj.forward(x).chunk(2, -1);
+        var parts = proj.Run(x).chunk(2, -1);
         return (parts[0] * nn.functional.gelu(parts[1])).MoveToOuterDisposeScope();
     }
 }
@@ -325,6 +328,8 @@ public sealed class BasicTransformerBlock : nn.Module<Tensor, Tensor?, Tensor>
     public LayerNorm norm2;
     public LayerNorm norm3;
     readonly bool _disableSelfAttn;
+    /// <summary>attn1 attends to the context instead of itself (official disable_self_attn).</summary>
+    internal bool DisableSelfAttention => _disableSelfAttn;
 
     public BasicTransformerBlock(long dim, int heads, int dimHead, long? contextDim, bool disableSelfAttn = false, double dropout = 0)
         : base(nameof(BasicTransformerBlock))
@@ -342,8 +347,8 @@ public sealed class BasicTransformerBlock : nn.Module<Tensor, Tensor?, Tensor>
     public override Tensor forward(Tensor x, Tensor? context)
     {
         using var scope = torch.NewDisposeScope();
-        x = attn1.forward(norm1.forward(x), _disableSelfAttn ? context : null) + x;
-        x = attn2.forward(norm2.forward(x), context) + x;
+        x = attn1.Run(norm1.forward(x), _disableSelfAttn ? context : null) + x;
+        x = attn2.Run(norm2.forward(x), context) + x;
         x = ff.forward(norm3.forward(x)) + x;
         return x.MoveToOuterDisposeScope();
     }
@@ -381,13 +386,13 @@ public sealed class SpatialTransformer : nn.Module<Tensor, Tensor?, Tensor>
         using var scope = torch.NewDisposeScope();
         long b = x.shape[0], c = x.shape[1], h = x.shape[2], w = x.shape[3];
         var t = norm.forward(x);
-        if (!_useLinear) t = proj_in.forward(t);
+        if (!_useLinear) t = proj_in.Run(t);
         t = t.permute(0, 2, 3, 1).reshape(b, h * w, -1).contiguous();     // b c h w -> b (h w) c
-        if (_useLinear) t = proj_in.forward(t);
+        if (_useLinear) t = proj_in.Run(t);
         foreach (var block in transformer_blocks) t = block.forward(t, context);
-        if (_useLinear) t = proj_out.forward(t);
+        if (_useLinear) t = proj_out.Run(t);
         t = t.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous();      // b (h w) c -> b c h w
-        if (!_useLinear) t = proj_out.forward(t);
+        if (!_useLinear) t = proj_out.Run(t);
         return (t + x).MoveToOuterDisposeScope();
     }
 }

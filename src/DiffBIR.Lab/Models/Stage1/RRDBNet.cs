@@ -49,11 +49,11 @@ public sealed class ResidualDenseBlock_5C : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var x1 = LRelu(conv1.forward(x));
-        var x2 = LRelu(conv2.forward(cat(new[] { x, x1 }, 1)));
-        var x3 = LRelu(conv3.forward(cat(new[] { x, x1, x2 }, 1)));
-        var x4 = LRelu(conv4.forward(cat(new[] { x, x1, x2, x3 }, 1)));
-        var x5 = conv5.forward(cat(new[] { x, x1, x2, x3, x4 }, 1));
+        var x1 = LRelu(conv1.Run(x));
+        var x2 = LRelu(conv2.Run(cat(new[] { x, x1 }, 1)));
+        var x3 = LRelu(conv3.Run(cat(new[] { x, x1, x2 }, 1)));
+        var x4 = LRelu(conv4.Run(cat(new[] { x, x1, x2, x3 }, 1)));
+        var x5 = conv5.Run(cat(new[] { x, x1, x2, x3, x4 }, 1));
         // Residual scaling 0.2 keeps the very deep trunk stable (ESRGAN).
         return scope.MoveToOuter(x5 * 0.2 + x);
     }
@@ -119,11 +119,11 @@ public sealed class RRDBNet : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var fea = conv_first.forward(x);
-        fea = fea + trunk_conv.forward(RRDB_trunk.forward(fea));
-        fea = ResidualDenseBlock_5C.LRelu(upconv1.forward(Nearest2x(fea)));
-        if (upconv2 is not null) fea = ResidualDenseBlock_5C.LRelu(upconv2.forward(Nearest2x(fea)));
-        var y = conv_last.forward(ResidualDenseBlock_5C.LRelu(HRconv.forward(fea)));
+        var fea = conv_first.Run(x);
+        fea = fea + trunk_conv.Run(RRDB_trunk.forward(fea));
+        fea = ResidualDenseBlock_5C.LRelu(upconv1.Run(Nearest2x(fea)));
+        if (upconv2 is not null) fea = ResidualDenseBlock_5C.LRelu(upconv2.Run(Nearest2x(fea)));
+        var y = conv_last.Run(ResidualDenseBlock_5C.LRelu(HRconv.Run(fea)));
         return scope.MoveToOuter(y);
     }
 

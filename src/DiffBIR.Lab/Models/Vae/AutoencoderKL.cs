@@ -68,6 +68,41 @@ static class VaeOps
 
     /// <summary>swish, written as x·σ(x) like the official <c>nonlinearity</c> (silu may round differently).</summary>
     public static Tensor Swish(Tensor x) => x * torch.sigmoid(x);
+
+    /// <summary>
+    /// swish of a tensor the caller owns and no longer needs: in place (x ← x·σ(x), the same values as
+    /// <see cref="Swish"/>) when autograd is off, so a full-resolution decoder level holds one copy fewer; with
+    /// autograd on (rgb-space guidance differentiates through the decoder) x is saved for the backward pass, so a new
+    /// tensor is made and x is freed.
+    /// </summary>
+    public static Tensor SwishOwned(Tensor x)
+    {
+        if (!torch.is_grad_enabled() && x.is_contiguous() && x.dim() >= 2)
+        {
+            // σ(x) of a 512² decoder level is itself 256 MiB: work through the channels in slices of at most
+            // 4 Mi elements so that only a slice's σ exists at a time (elementwise, so the values do not change).
+            long perChannel = x.numel() / Math.Max(1, x.shape[0] * x.shape[1]);
+            long channels = x.shape[1], step = Math.Max(1, (4L << 20) / Math.Max(1, perChannel * x.shape[0]));
+            for (long c0 = 0; c0 < channels; c0 += step)
+            {
+                using var slice = x.narrow(1, c0, Math.Min(step, channels - c0));
+                using var sg = torch.sigmoid(slice);
+                slice.mul_(sg);
+            }
+            return x;
+        }
+        using var s = torch.sigmoid(x);
+        var y = x * s;
+        x.Dispose();
+        return y;
+    }
+
+    /// <summary>Replaces <paramref name="h"/> by <paramref name="next"/>, freeing h unless it is <paramref name="keep"/> (the caller's input).</summary>
+    public static Tensor Advance(Tensor h, Tensor next, Tensor keep)
+    {
+        if (!ReferenceEquals(h, keep) && !ReferenceEquals(h, next)) h.Dispose();
+        return next;
+    }
 }
 
 /// <summary>Pre-activation residual block without a time embedding (official <c>ResnetBlock</c>, temb_channels=0).</summary>
@@ -90,10 +125,15 @@ public sealed class ResnetBlock : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x)
     {
+        // Every intermediate is freed as soon as the next one exists (a scope alone would hold them all until the
+        // block ends: at 512² that is ~1 GiB per decoder block); the values are those of the plain expression.
         using var scope = torch.NewDisposeScope();
-        var h = conv1.forward(VaeOps.Swish(norm1.forward(x)));
-        h = conv2.forward(VaeOps.Swish(norm2.forward(h)));
-        var skip = nin_shortcut is null ? x : nin_shortcut.forward(x);
+        var a = VaeOps.SwishOwned(norm1.forward(x));
+        var h = conv1.Run(a); a.Dispose();
+        a = VaeOps.SwishOwned(norm2.forward(h)); h.Dispose();
+        h = conv2.Run(a); a.Dispose();
+        if (nin_shortcut is null) return (x + h).MoveToOuterDisposeScope();
+        using var skip = nin_shortcut.Run(x);
         return (skip + h).MoveToOuterDisposeScope();
     }
 }
@@ -126,9 +166,9 @@ public sealed class AttnBlock : nn.Module<Tensor, Tensor>
         long b = x.shape[0], c = x.shape[1], hh = x.shape[2], ww = x.shape[3];
         // b c h w -> b 1 (h w) c : one head whose width is the channel count.
         Tensor Tokens(Tensor t) => t.reshape(b, 1, c, hh * ww).transpose(2, 3);
-        var o = nn.functional.scaled_dot_product_attention(Tokens(q.forward(h)), Tokens(k.forward(h)), Tokens(v.forward(h)));
+        var o = nn.functional.scaled_dot_product_attention(Tokens(q.Run(h)), Tokens(k.Run(h)), Tokens(v.Run(h)));
         o = o.transpose(2, 3).reshape(b, c, hh, ww);
-        return (x + proj_out.forward(o)).MoveToOuterDisposeScope();
+        return (x + proj_out.Run(o)).MoveToOuterDisposeScope();
     }
 }
 
@@ -146,7 +186,7 @@ public sealed class Downsample : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var padded = nn.functional.pad(x, new long[] { 0, 1, 0, 1 }, PaddingModes.Constant, 0);
-        return conv.forward(padded);
+        return conv.Run(padded);
     }
 }
 
@@ -164,7 +204,7 @@ public sealed class Upsample : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var up = nn.functional.interpolate(x, scale_factor: new[] { 2.0, 2.0 }, mode: InterpolationMode.Nearest);
-        return conv.forward(up);
+        return conv.Run(up);
     }
 }
 
@@ -189,11 +229,12 @@ public sealed class VaeLevel : nn.Module
     /// <summary>The ResnetBlocks of this level, each followed by its attention when the level has one.</summary>
     internal Tensor Blocks(Tensor h)
     {
+        var x = h;   // the caller's tensor: not ours to free
         for (int i = 0; i < block.Count; i++)
         {
             var next = block[i].forward(h);
-            if (attn.Count > 0) { var a = attn[i].forward(next); next.Dispose(); next = a; }
-            h = next;
+            if (attn.Count > 0) { var a = attn[i].Run(next); next.Dispose(); next = a; }
+            h = VaeOps.Advance(h, next, x);
         }
         return h;
     }
@@ -217,7 +258,9 @@ public sealed class VaeMiddle : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        return block_2.forward(attn_1.forward(block_1.forward(x))).MoveToOuterDisposeScope();
+        using var h1 = block_1.forward(x);
+        using var h2 = attn_1.Run(h1);
+        return block_2.forward(h2).MoveToOuterDisposeScope();
     }
 }
 
@@ -260,15 +303,17 @@ public sealed class VaeEncoder : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x)
     {
+        // Each level's input is freed once its output exists (see ResnetBlock).
         using var scope = torch.NewDisposeScope();
-        var h = conv_in.forward(x);
+        var h = conv_in.Run(x);
         foreach (var level in down)
         {
-            h = level.Blocks(h);
-            if (level.downsample is not null) h = level.downsample.forward(h);
+            h = VaeOps.Advance(h, level.Blocks(h), x);
+            if (level.downsample is not null) h = VaeOps.Advance(h, level.downsample.forward(h), x);
         }
-        h = mid.forward(h);
-        return conv_out.forward(VaeOps.Swish(norm_out.forward(h))).MoveToOuterDisposeScope();
+        h = VaeOps.Advance(h, mid.forward(h), x);
+        h = VaeOps.Advance(h, VaeOps.SwishOwned(norm_out.forward(h)), x);
+        return conv_out.Run(h).MoveToOuterDisposeScope();
     }
 }
 
@@ -313,14 +358,18 @@ public sealed class VaeDecoder : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor z)
     {
+        // Each level's input is freed once its output exists (see ResnetBlock): at 512² the scope would otherwise
+        // hold every level's activations until the end, ~1.4 GiB more at the peak.
         using var scope = torch.NewDisposeScope();
-        var h = mid.forward(conv_in.forward(z));
+        var h = conv_in.Run(z);
+        h = VaeOps.Advance(h, mid.forward(h), z);
         for (int level = up.Count - 1; level >= 0; level--)
         {
-            h = up[level].Blocks(h);
-            if (up[level].upsample is not null) h = up[level].upsample!.forward(h);
+            h = VaeOps.Advance(h, up[level].Blocks(h), z);
+            if (up[level].upsample is not null) h = VaeOps.Advance(h, up[level].upsample!.forward(h), z);
         }
-        return conv_out.forward(VaeOps.Swish(norm_out.forward(h))).MoveToOuterDisposeScope();
+        h = VaeOps.Advance(h, VaeOps.SwishOwned(norm_out.forward(h)), z);
+        return conv_out.Run(h).MoveToOuterDisposeScope();
     }
 }
 
@@ -387,21 +436,21 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
     public DiagonalGaussianDistribution Encode(Tensor x)
     {
         Tensor moments;
-        using (torch.NewDisposeScope()) moments = quant_conv.forward(encoder.forward(x)).MoveToOuterDisposeScope();
+        using (torch.NewDisposeScope()) moments = quant_conv.Run(encoder.forward(x)).MoveToOuterDisposeScope();
         using (moments) return new DiagonalGaussianDistribution(moments);
     }
 
     /// <summary>The 1×1 conv from encoder features to moments (used by the tiled encoder).</summary>
-    internal Tensor quant_conv_forward(Tensor h) => quant_conv.forward(h);
+    internal Tensor quant_conv_forward(Tensor h) => quant_conv.Run(h);
 
     /// <summary>The 1×1 conv from latent to decoder input (used by the tiled decoder).</summary>
-    internal Tensor post_quant_conv_forward(Tensor z) => post_quant_conv.forward(z);
+    internal Tensor post_quant_conv_forward(Tensor z) => post_quant_conv.Run(z);
 
     /// <summary>Image from an UNSCALED latent (official <c>decode</c>).</summary>
     public Tensor Decode(Tensor z)
     {
         using var scope = torch.NewDisposeScope();
-        return decoder.forward(post_quant_conv.forward(z)).MoveToOuterDisposeScope();
+        return decoder.forward(post_quant_conv.Run(z)).MoveToOuterDisposeScope();
     }
 
     /// <summary>

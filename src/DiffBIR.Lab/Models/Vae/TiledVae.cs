@@ -55,7 +55,7 @@ public sealed class TiledVae
     }
 
     T M<T>(string path) where T : nn.Module => (T)_mods[_prefix + path];
-    Func<Tensor, Tensor> Call(string path) { var m = M<nn.Module<Tensor, Tensor>>(path); return m.forward; }
+    Func<Tensor, Tensor> Call(string path) { var m = M<nn.Module<Tensor, Tensor>>(path); return m.call; }
 
     void ResBlock(List<TaskItem> q, string path)
     {
@@ -83,13 +83,13 @@ public sealed class TiledVae
             {
                 // tilevae/attn.py forward (vanilla): the residual and norm are separate tasks.
                 using var scope = torch.NewDisposeScope();
-                var qq = qc.forward(h); var kk = kc.forward(h); var vv = vc.forward(h);
+                var qq = qc.Run(h); var kk = kc.Run(h); var vv = vc.Run(h);
                 long b = qq.shape[0], c = qq.shape[1], hh = qq.shape[2], ww = qq.shape[3];
                 var qt = qq.reshape(b, c, hh * ww).permute(0, 2, 1);
                 var w = torch.bmm(qt, kk.reshape(b, c, hh * ww)) * Math.Pow(c, -0.5);
                 w = F.softmax(w, 2);
                 var o = torch.bmm(vv.reshape(b, c, hh * ww), w.permute(0, 2, 1)).reshape(b, c, hh, ww);
-                return po.forward(o).MoveToOuterDisposeScope();
+                return po.Run(o).MoveToOuterDisposeScope();
             },
         });
         q.Add(new TaskItem { Kind = Kind.AddRes });
