@@ -70,6 +70,8 @@ public sealed class RestoreSettings : CommandSettings
     [CommandOption("--g-repeat <N>")] public int GRepeat { get; set; } = 1;
     [CommandOption("--g-patch <P>")] [Description("Gradient-map patch size for wmse (official 2).")]
     public int GPatch { get; set; } = 2;
+    [CommandOption("--g-norm <NAME[:P]>")] [Description("Gradient-map normalisation for wmse: sum (official: tanh of the patch sum), sum:T (tanh(sum/T)), mean (patch mean), max (sum / the image's largest patch sum) or percentile:Q (sum / the image's Q-th percentile).")]
+    public string GNorm { get; set; } = "sum";
     [CommandOption("--g-schedule <SPEC>")] [Description("A factor f(t) of --g-scale (the scale in effect is s·f(t)): constant (default, f = 1), linear:A:B, cosine:A:B (A at t=999, B at t=0) or piecewise:T=F,T=F,…")]
     public string GSchedule { get; set; } = "constant";
 
@@ -113,6 +115,8 @@ public sealed class RestoreSettings : CommandSettings
         if (Task is not ("sr" or "face" or "denoise")) return ValidationResult.Error($"--task: must be sr, face or denoise (got '{Task}')");
         if (Guidance is not ("none" or "mse" or "wmse")) return ValidationResult.Error("--guidance: must be none, mse or wmse");
         if (GSpace is not ("rgb" or "latent")) return ValidationResult.Error("--g-space: must be rgb or latent");
+        try { WeightMapNorm.Parse(GNorm); }
+        catch (FormatException e) { return ValidationResult.Error($"--g-norm: {e.Message}"); }
         if (StartPoint is not ("noise" or "cond")) return ValidationResult.Error("--start-point: must be noise or cond");
         if (Precision is not ("fp32" or "fp16" or "bf16")) return ValidationResult.Error("--precision: must be fp32, fp16 or bf16");
         if (Device is not ("cpu" or "cuda")) return ValidationResult.Error("--device: must be cpu or cuda");
@@ -208,7 +212,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         var space = s.GSpace == "latent" ? GuidanceSpace.Latent : GuidanceSpace.Rgb;
         return s.Guidance == "mse"
             ? new MseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule }
-            : new WeightedMseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule, PatchSize = s.GPatch };
+            : new WeightedMseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule, PatchSize = s.GPatch, Norm = WeightMapNorm.Parse(s.GNorm) };
     }
 
     /// <summary>"constant", "linear:A:B", "cosine:A:B", "piecewise:T=S,T=S".</summary>
@@ -511,7 +515,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         ["start_point"] = s.StartPoint, ["s_churn"] = s.SChurn, ["s_tmin"] = s.STmin, ["s_tmax"] = s.STmax, ["s_noise"] = s.SNoise,
         ["eta"] = s.Eta, ["order"] = s.Order,
         ["guidance"] = s.Guidance, ["g_scale"] = s.GScale, ["g_start"] = s.GStart, ["g_stop"] = s.GStop, ["g_space"] = s.GSpace,
-        ["g_repeat"] = s.GRepeat, ["g_patch"] = s.GPatch, ["g_schedule"] = s.GSchedule,
+        ["g_repeat"] = s.GRepeat, ["g_patch"] = s.GPatch, ["g_norm"] = WeightMapNorm.Parse(s.GNorm).ToString(), ["g_schedule"] = s.GSchedule,
         ["cleaner_tiled"] = s.CleanerTiled, ["cleaner_tile_size"] = s.CleanerTileSize, ["cleaner_tile_stride"] = s.CleanerTileStride,
         ["vae_encoder_tiled"] = s.VaeEncoderTiled, ["vae_encoder_tile_size"] = s.VaeEncoderTileSize,
         ["vae_decoder_tiled"] = s.VaeDecoderTiled, ["vae_decoder_tile_size"] = s.VaeDecoderTileSize,
