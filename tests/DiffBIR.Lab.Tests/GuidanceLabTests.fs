@@ -189,3 +189,92 @@ let ``per-sample guidance refuses members of different spaces or repeat counts``
     |> should throw typeof<ArgumentException>
     (fun () -> PerSampleGuidance([ MseGuidance() :> RestorationGuidance; MseGuidance(Repeat = 3) ]) |> ignore)
     |> should throw typeof<ArgumentException>
+
+// ---------------------------------------------------------------- per-step recorder, schedules as functions
+
+open DiffBIR.Lab.Pipeline
+open DiffBIR.Lab.Sweeps
+
+/// f(t) = 0 for the noisy half (t ≥ 500), 1 below: an F# lambda as a guidance schedule.
+let private late = GuidanceSchedule(Func<int, float>(fun t -> if t >= 500 then 0.0 else 1.0), "late half")
+
+[<Fact>]
+let ``the step recorder keeps every step's z_t, x̂₀ before and after guidance, loss, gradient norm and |Δx̂₀| past the run`` () =
+    use preset = Presets.Build("tiny", "sr", fixturesDir)
+    use lq = SweepTests.testImage ()
+    let options = PipelineOptions(Steps = 4, Sampler = "ddim", Seed = 7L, Guidance = WeightedMseGuidance(Scale = 0.3, Schedule = late))
+    use condition = preset.Condition(lq, options)
+    // what the loop shows a plain observer (copied out of each step's scope by hand)
+    let seen = ResizeArray<int * float option * torch.Tensor * torch.Tensor>()
+    let plain = Func<DiffBIR.Lab.Sampling.StepInfo, bool>(fun info ->
+        let keep (t: torch.Tensor) = let c = t.detach().clone() in c.DetachFromDisposeScope() |> ignore; c
+        seen.Add((info.Timestep, Option.ofNullable info.GuidanceLoss, keep info.ModelX0, keep info.PredictedX0)); true)
+    use r1 = preset.Sample(condition, options, stepObserver = plain)
+    use recorder = new StepRecorder(Decode = true)
+    use r2 = preset.Sample(condition, options, stepObserver = recorder.Observer)
+    recorder.Steps.Count |> should equal 4
+    GC.Collect()
+    for (s, (t, loss, modelX0, guidedX0)) in Seq.zip recorder.Steps seen do
+        s.Timestep |> should equal t
+        maxAbs s.ModelX0 modelX0 |> should equal 0.0
+        maxAbs s.GuidedX0 guidedX0 |> should equal 0.0
+        s.Zt.shape |> should equal modelX0.shape
+        (if s.GuidanceLoss.HasValue then Some s.GuidanceLoss.Value else None) |> should equal loss
+        s.MeanAbsDeltaX0 |> should (equalWithin 1e-7) (float ((guidedX0 - modelX0).abs().mean().item<float32>()))
+        s.ModelImage.shape |> should equal [| 1L; 3L; modelX0.shape.[2] * 8L; modelX0.shape.[3] * 8L |]
+        float (s.GuidedImage.min().item<float32>()) |> should be (greaterThanOrEqualTo 0.0)
+        float (s.GuidedImage.max().item<float32>()) |> should be (lessThanOrEqualTo 1.0)
+    // the lambda schedule: no pull while t ≥ 500, a pull below (guided images then differ from the model's)
+    for s in recorder.Steps do
+        s.GuidanceApplied |> should be True
+        if s.Timestep >= 500 then s.MeanAbsDeltaX0 |> should equal 0.0
+        else
+            s.MeanAbsDeltaX0 |> should be (greaterThan 1e-5)
+            s.GradientNorm.Value |> should be (greaterThan 0.0)
+    recorder.Steps |> Seq.exists (fun s -> s.Timestep < 500) |> should be True
+    recorder.Steps |> Seq.exists (fun s -> s.Timestep >= 500) |> should be True
+    for (_, _, a, b) in seen do a.Dispose(); b.Dispose()
+
+[<Fact>]
+let ``a sweep spec takes a guidance schedule as an F# function, known by its values`` () =
+    use dir = new TempDir()
+    use lq = SweepTests.testImage ()
+    DiffBIR.Lab.IO.ImageIO.Save(dir.File "lq.png", lq)
+    let spec (f: int -> float) =
+        SweepSpec.On(dir.File "lq.png").Fixed("guidance", "wmse").Fixed("g_scale", 0.2)
+            .Schedule("late", Func<int, float>(f)).Grid("g_schedule", "constant", "fn:late")
+    let points = SweepPlan.Expand(spec (fun t -> if t >= 500 then 0.0 else 1.0), "tiny", Presets.Tiny.Defaults)
+    points.Count |> should equal 2
+    let g = points.[1].Options.Guidance
+    g.ScaleAt(900) |> should equal 0.0
+    g.ScaleAt(100) |> should equal 0.2
+    points.[0].Options.Guidance.ScaleAt(900) |> should equal 0.2
+    string (points.[1].Settings.ToJson().["g_schedule"]) |> should equal "fn:late"
+    // another function under the same name is another point (a rerun does not mistake it for the old one)
+    let other = SweepPlan.Expand(spec (fun t -> if t >= 400 then 0.0 else 1.0), "tiny", Presets.Tiny.Defaults)
+    other.[0].Id |> should equal points.[0].Id
+    other.[1].Id |> should not' (equal points.[1].Id)
+    // a name with no function is refused with the field
+    let e = Assert.Throws<SweepSpecException>(fun () ->
+        SweepPlan.Expand(SweepSpec.On(dir.File "lq.png").Fixed("guidance", "wmse").Grid("g_schedule", "fn:nope"), "tiny", Presets.Tiny.Defaults) |> ignore)
+    e.Message |> should haveSubstring "grid.g_schedule[0]"
+    e.Message |> should haveSubstring "no schedule function 'nope'"
+
+// ---------------------------------------------------------------- PNG export of charts
+
+[<Fact>]
+let ``charts export as PNG with a headless Chromium from PATH, or say that none was found`` () =
+    match DiffBIR.Lab.Interactive.Charts.findBrowser () with
+    | None ->
+        DiffBIR.Lab.Interactive.Charts.noBrowserMessage |> should haveSubstring "chromium"
+        Assert.Skip "no chromium, chromium-browser or google-chrome on PATH on this machine (savePng reports exactly that)"
+    | Some _ ->
+        use dir = new TempDir()
+        let chart = DiffBIR.Lab.Interactive.Charts.metricVs [ 0.0; 1.0; 2.0 ] id (fun x -> x * x) (fun _ -> "x²") "x" "y"
+        match DiffBIR.Lab.Interactive.Charts.savePng (dir.File "c.png") chart with
+        | Error e -> failwithf "savePng failed: %s" e
+        | Ok path ->
+            let bytes = File.ReadAllBytes path
+            bytes.[0..7] |> should equal [| 0x89uy; 0x50uy; 0x4Euy; 0x47uy; 0x0Duy; 0x0Auy; 0x1Auy; 0x0Auy |]
+            use img = DiffBIR.Lab.IO.ImageIO.Load path
+            img.Image.shape.[2] |> should equal (int64 DiffBIR.Lab.Interactive.Charts.DefaultHeight)
