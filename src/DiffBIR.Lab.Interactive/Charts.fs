@@ -136,7 +136,9 @@ type SweepCharts =
         if isNull v then None
         else
             match v.GetValueKind() with
-            | System.Text.Json.JsonValueKind.Number -> Some(v.GetValue<float>())
+            | System.Text.Json.JsonValueKind.Number ->
+                // a value made in memory keeps its .NET type (int, long, double): read its JSON text
+                Some(System.Double.Parse(v.ToJsonString(), System.Globalization.CultureInfo.InvariantCulture))
             | System.Text.Json.JsonValueKind.String ->
                 let text : string = v.GetValue<string>()
                 let mutable x = 0.0

@@ -278,3 +278,18 @@ let ``charts export as PNG with a headless Chromium from PATH, or say that none 
             bytes.[0..7] |> should equal [| 0x89uy; 0x50uy; 0x4Euy; 0x47uy; 0x0Duy; 0x0Auy; 0x1Auy; 0x0Auy |]
             use img = DiffBIR.Lab.IO.ImageIO.Load path
             img.Image.shape.[2] |> should equal (int64 DiffBIR.Lab.Interactive.Charts.DefaultHeight)
+
+[<Fact>]
+let ``results-table cells read as numbers whatever their .NET type (rows made in memory keep ints as ints)`` () =
+    let row = System.Text.Json.Nodes.JsonObject()
+    row.["i"] <- System.Text.Json.Nodes.JsonValue.Create 4
+    row.["l"] <- System.Text.Json.Nodes.JsonValue.Create 5L
+    row.["d"] <- System.Text.Json.Nodes.JsonValue.Create 0.25
+    row.["s"] <- System.Text.Json.Nodes.JsonValue.Create "1.5"
+    row.["t"] <- System.Text.Json.Nodes.JsonValue.Create "sum"
+    DiffBIR.Lab.Interactive.SweepCharts.Number(row, "i") |> should equal 4.0
+    DiffBIR.Lab.Interactive.SweepCharts.Number(row, "l") |> should equal 5.0
+    DiffBIR.Lab.Interactive.SweepCharts.Number(row, "d") |> should equal 0.25
+    DiffBIR.Lab.Interactive.SweepCharts.Number(row, "s") |> should equal 1.5
+    Double.IsNaN(DiffBIR.Lab.Interactive.SweepCharts.Number(row, "t")) |> should be True
+    Double.IsNaN(DiffBIR.Lab.Interactive.SweepCharts.Number(row, "missing")) |> should be True

@@ -106,7 +106,7 @@ public sealed class SweepCommand : Command<SweepCommandSettings>
         });
         Console.Error.WriteLine($"sweep: {summary.Done} done, {summary.Skipped} already there, {summary.Failed} diverged{(summary.Cancelled ? ", interrupted" : "")}; " +
                                 $"{summary.Rows.Count} rows in {Path.Combine(s.Output, ResultsTable.CsvName)}");
-        foreach (var chart in WriteCharts(spec, summary.Rows, s.Output))
+        foreach (var chart in WriteCharts(spec, summary.Rows, s.Output, png: true, note: n => Console.Error.WriteLine($"sweep: {n}")))
             Console.Error.WriteLine($"sweep: chart {chart}");
         if (summary.Cancelled) return 130;
         return summary.Failed > 0 ? 1 : 0;
