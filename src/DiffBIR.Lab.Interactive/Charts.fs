@@ -32,6 +32,64 @@ module Charts =
         System.IO.File.WriteAllText(tmp, toStandaloneHtml (chart |> Chart.withSize (DefaultWidth, DefaultHeight)))
         System.IO.File.Move(tmp, path, true)
 
+    /// A headless Chromium on PATH (chromium, chromium-browser, google-chrome, google-chrome-stable), or None.
+    let findBrowser () : string option =
+        let dirs = (defaultArg (Option.ofObj (System.Environment.GetEnvironmentVariable "PATH")) "").Split(System.IO.Path.PathSeparator)
+        [ "chromium"; "chromium-browser"; "google-chrome"; "google-chrome-stable" ]
+        |> List.tryPick (fun name ->
+            dirs |> Array.tryPick (fun d ->
+                let f = System.IO.Path.Combine(d, name)
+                if d <> "" && System.IO.File.Exists f then Some f else None))
+
+    /// What savePng says when no browser is found.
+    let noBrowserMessage =
+        "no headless browser found on PATH (looked for chromium, chromium-browser, google-chrome, google-chrome-stable): " +
+        "install Debian's chromium (apt-get install chromium) to export PNGs; the HTML version displays offline"
+
+    /// Writes the chart as a PNG (its size, DefaultWidth × DefaultHeight unless set) by printing its standalone HTML
+    /// page with a headless Chromium found on PATH (nothing is downloaded). Error when there is none (the message says
+    /// so) or when the browser fails; the PNG is written atomically (nothing half-written).
+    let savePng (path: string) (chart: GenericChart) : Result<string, string> =
+        match findBrowser () with
+        | None -> Error noBrowserMessage
+        | Some browser ->
+            let layout = GenericChart.getLayout chart
+            let w = match layout.TryGetTypedPropertyValue<int> "width" with Some w -> w | None -> DefaultWidth
+            let h = match layout.TryGetTypedPropertyValue<int> "height" with Some h -> h | None -> DefaultHeight
+            let work = System.IO.Path.Combine(System.IO.Path.GetTempPath(), "diffbir-lab-png-" + System.Guid.NewGuid().ToString("N"))
+            System.IO.Directory.CreateDirectory work |> ignore
+            try
+                let html = System.IO.Path.Combine(work, "chart.html")
+                // no page margin, so that the screenshot is the chart
+                let page = (toStandaloneHtml (chart |> Chart.withSize (w, h))).Replace("<head>", "<head><style>body{margin:0}</style>")
+                System.IO.File.WriteAllText(html, page)
+                let shot = System.IO.Path.Combine(work, "chart.png")
+                let psi = System.Diagnostics.ProcessStartInfo(browser)
+                for a in [ "--headless"; "--no-sandbox"; "--disable-gpu"; "--disable-dev-shm-usage"; "--disable-background-networking"
+                           "--disable-component-update"; "--disable-sync"; "--no-first-run"; "--hide-scrollbars"
+                           "--virtual-time-budget=10000"; sprintf "--user-data-dir=%s" (System.IO.Path.Combine(work, "profile"))
+                           sprintf "--window-size=%d,%d" w h; sprintf "--screenshot=%s" shot; System.Uri(html).AbsoluteUri ] do
+                    psi.ArgumentList.Add a
+                psi.RedirectStandardOutput <- true
+                psi.RedirectStandardError <- true
+                psi.UseShellExecute <- false
+                use p = System.Diagnostics.Process.Start psi
+                let err = p.StandardError.ReadToEndAsync()
+                p.StandardOutput.ReadToEnd() |> ignore
+                if not (p.WaitForExit 120000) then
+                    p.Kill true
+                    Error(sprintf "%s did not finish the PNG of %s within 120 s" browser path)
+                elif not (System.IO.File.Exists shot) then
+                    let lastLine = err.Result.Trim().Split('\n') |> Array.last
+                    Error(sprintf "%s wrote no PNG (exit %d): %s" browser p.ExitCode lastLine)
+                else
+                    let tmp = path + ".tmp"
+                    System.IO.File.Copy(shot, tmp, true)
+                    System.IO.File.Move(tmp, path, true)
+                    Ok path
+            finally
+                try System.IO.Directory.Delete(work, true) with _ -> ()
+
     /// One line per series, points labelled: x = a no-reference quality metric, y = a fidelity metric, a point per
     /// guidance setting (label = e.g. the scale s). Rows are grouped by <paramref name="series"/> and drawn in the
     /// order of <paramref name="order"/> within a series.
@@ -78,7 +136,9 @@ type SweepCharts =
         if isNull v then None
         else
             match v.GetValueKind() with
-            | System.Text.Json.JsonValueKind.Number -> Some(v.GetValue<float>())
+            | System.Text.Json.JsonValueKind.Number ->
+                // a value made in memory keeps its .NET type (int, long, double): read its JSON text
+                Some(System.Double.Parse(v.ToJsonString(), System.Globalization.CultureInfo.InvariantCulture))
             | System.Text.Json.JsonValueKind.String ->
                 let text : string = v.GetValue<string>()
                 let mutable x = 0.0
@@ -108,6 +168,14 @@ type SweepCharts =
         else
             Some(Charts.qualityFidelity pts (fun (_, q, _, _, _) -> q) (fun (_, _, f, _, _) -> f) (fun (s, _, _, _, _) -> s)
                     (fun (_, _, _, l, _) -> l) (fun (_, _, _, _, o) -> o) quality fidelity)
+
+    /// Writes the chart as a PNG with a headless Chromium on PATH (<see cref="Charts.savePng"/>): Ok path, or Error
+    /// saying why not (no browser, nothing to draw, the browser failed).
+    static member SaveQualityFidelityPng(rows: seq<System.Text.Json.Nodes.JsonObject>, quality: string, fidelity: string,
+                                         seriesBy: string[], labelBy: string, path: string) : Result<string, string> =
+        match SweepCharts.QualityFidelity(rows, quality, fidelity, seriesBy, labelBy) with
+        | Some c -> Charts.savePng path c
+        | None -> Error "nothing to draw (fewer than two rows with both metrics)"
 
     /// Writes the chart as a standalone HTML page (plotly.js inlined); false when there was nothing to draw.
     static member SaveQualityFidelity(rows: seq<System.Text.Json.Nodes.JsonObject>, quality: string, fidelity: string,

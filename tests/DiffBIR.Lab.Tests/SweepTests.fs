@@ -293,6 +293,7 @@ let ``a bad spec names the file and the field`` () =
     specError (sprintf "{%s, \"grid\": {\"sampler\": [\"euler\"]}}" inputs) |> should haveSubstring "bad.json: grid.sampler[0]: 'euler' is not one of"
     specError (sprintf "{%s, \"fixed\": {\"steps\": 0}}" inputs) |> should haveSubstring "bad.json: fixed.steps: must be in 1..1000"
     specError (sprintf "{%s, \"grid\": {\"g_schedule\": [\"linear:1\"]}}" inputs) |> should haveSubstring "bad.json: grid.g_schedule[0]:"
+    specError (sprintf "{%s, \"grid\": {\"g_norm\": [\"mean\", \"percentile:0\"]}}" inputs) |> should haveSubstring "bad.json: grid.g_norm[1]: 'percentile:0'"
     specError (sprintf "{%s, \"grid\": {\"g_scale\": []}}" inputs) |> should haveSubstring "bad.json: grid.g_scale: expected a non-empty list"
     specError (sprintf "{%s, \"griid\": {}}" inputs) |> should haveSubstring "bad.json: griid: unknown field"
     specError "{\"inputs\": [\"missing.png\"]}" |> should haveSubstring "bad.json: inputs[0]:"
@@ -333,10 +334,55 @@ let ``points that differ only in their seed run batched and equal their one-at-a
         use ib = imageOf "batched" rb
         (ia - ib).abs().max().item<int>() |> should be (lessThanOrEqualTo 1)
         int rb.["guided_steps"] |> should equal 1
-        rb.["guidance_loss_last"] |> should be Null
+        // each point's own loss (per-sample guidance), not the batch's sum
+        float rb.["guidance_loss_last"] |> should (equalWithin (1e-3 * float ra.["guidance_loss_last"])) (float ra.["guidance_loss_last"])
         let manifest = JsonNode.Parse(File.ReadAllText(Path.ChangeExtension(Path.Combine(dir.File "batched", string rb.["output"]), ".json")))
         int manifest.["batch"] |> should equal 3
     // the seeds really differ inside the batch
     use i0 = imageOf "batched" b.[0]
     use i1 = imageOf "batched" b.[1]
     (i0 - i1).abs().max().item<int>() |> should be (greaterThan 1)
+
+[<Fact>]
+let ``points that differ in guidance scale, patch size and normalisation run as one batch and equal their one-at-a-time runs`` () =
+    use dir = new TempDir()
+    writeInputs dir.Path
+    let grid = "\"g_scale\": [0.0, 0.3], \"g_patch\": [1, 4], \"g_norm\": [\"sum\", \"mean\"]"
+    let spec = SweepSpec.Parse(specJson grid "\"steps\": 2, \"sampler\": \"ddim\", \"guidance\": \"wmse\"", "s.json", dir.Path)
+    use preset = Presets.Build("tiny", "sr", fixturesDir)
+    let single = SweepRunner.Run(preset, spec, dir.File "single")
+    let batched = SweepRunner.Run(preset, spec, dir.File "batched", SweepRunOptions(BatchSize = 8))
+    batched.Done |> should equal 8
+    let a = readRows (dir.File "single")
+    let b = readRows (dir.File "batched")
+    ids b |> should equal (ids a)
+    let imageOf folder (r: JsonObject) =
+        use img = ImageIO.Load(Path.Combine(dir.File folder, string r.["output"]))
+        ImageIO.ToUInt8(img.Image, Quantization.Round).to_type(torch.ScalarType.Int32)
+    for (ra, rb) in Seq.zip a b do
+        use ia = imageOf "single" ra
+        use ib = imageOf "batched" rb
+        (ia - ib).abs().max().item<int>() |> should be (lessThanOrEqualTo 1)
+        int rb.["guided_steps"] |> should equal (int ra.["guided_steps"])
+        int rb.["guided_steps"] |> should equal 2
+        float rb.["guidance_loss_last"] |> should (equalWithin (1e-3 * float ra.["guidance_loss_last"])) (float ra.["guidance_loss_last"])
+        let manifest = JsonNode.Parse(File.ReadAllText(Path.ChangeExtension(Path.Combine(dir.File "batched", string rb.["output"]), ".json")))
+        int manifest.["batch"] |> should equal 8
+        float manifest.["guidance_steps"].[0].["scale"] |> should equal (float rb.["g_scale"])
+    // the settings really act inside the batch: the strongest guidance differs from none, and mean from sum
+    let find s p n = b |> Seq.find (fun r -> float r.["g_scale"] = s && int r.["g_patch"] = p && string r.["g_norm"] = n)
+    use none = imageOf "batched" (find 0.0 1 "sum")
+    use strong = imageOf "batched" (find 0.3 1 "sum")
+    (none - strong).abs().max().item<int>() |> should be (greaterThan 1)
+    float (find 0.3 4 "mean").["psnr_irm"] |> should not' (equal (float (find 0.3 4 "sum").["psnr_irm"]))
+
+[<Fact>]
+let ``only seed and guidance settings may differ inside a batch`` () =
+    let key (x: SweepSettings) = SweepRunner.BatchKey x
+    let g = SweepSettings(Guidance = "wmse")
+    key (SweepSettings(Guidance = "wmse", GScale = 0.3, GPatch = 4, GNorm = "mean", Seed = 5L, GSchedule = "linear:0:1", GStart = 500)) |> should equal (key g)
+    key (SweepSettings(Guidance = "mse")) |> should equal (key g)
+    key (SweepSettings(Guidance = "none")) |> should not' (equal (key g))
+    key (SweepSettings(Guidance = "wmse", GSpace = "latent")) |> should not' (equal (key g))
+    key (SweepSettings(Guidance = "wmse", GRepeat = 2)) |> should not' (equal (key g))
+    key (SweepSettings(Guidance = "wmse", Sampler = "ddim")) |> should not' (equal (key g))

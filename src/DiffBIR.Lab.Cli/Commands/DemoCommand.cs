@@ -72,7 +72,7 @@ public sealed class DemoCommand : Command<DemoSettings>
 
         // 3. The lab: a guidance sweep on a held-out procedural image with the trained tiny preset (no download):
         //    3 scales × 2 gradient-map patch sizes, fidelity against HQ, the weight-free niqe-lab as the quality axis.
-        string? sweepDir = null, curve = null;
+        string? sweepDir = null, curve = null, curvePng = null;
         int sweepCode = 0;
         if (!s.NoSweep)
         {
@@ -96,7 +96,10 @@ public sealed class DemoCommand : Command<DemoSettings>
             var summary = DiffBIR.Lab.Sweeps.SweepRunner.Run(tiny, spec, sweepDir, new DiffBIR.Lab.Sweeps.SweepRunOptions { WeightsDir = s.Weights, Cancellation = ct });
             foreach (var r in summary.Rows)
                 AnsiConsole.MarkupLine(Markup.Escape($"  s={r["g_scale"]} patch={r["g_patch"]}: PSNR to HQ {Num(r, "psnr_hq")} dB, to I_RM {Num(r, "psnr_irm")} dB, niqe-lab {Num(r, DiffBIR.Lab.Metrics.Metric.NiqeLabName)}"));
-            curve = SweepCommand.WriteCharts(spec, summary.Rows, sweepDir).FirstOrDefault();
+            var charts = SweepCommand.WriteCharts(spec, summary.Rows, sweepDir, png: true,
+                note: n => AnsiConsole.MarkupLine(Markup.Escape("  " + n)));
+            curve = charts.FirstOrDefault();
+            curvePng = charts.FirstOrDefault(c => c.EndsWith(".png", StringComparison.Ordinal));
             sweepCode = summary.Failed > 0 ? 1 : 0;
         }
 
@@ -116,7 +119,7 @@ public sealed class DemoCommand : Command<DemoSettings>
             torchsharp = typeof(torch).Assembly.GetName().Version?.ToString(), device = "cpu",
             date = DateTime.UtcNow.ToString("o"), elapsed_seconds = sw.Elapsed.TotalSeconds,
             restore_exit_code = restoreCode,
-            sweep = sweepDir is null ? null : Path.Combine(sweepDir, DiffBIR.Lab.Sweeps.ResultsTable.CsvName), quality_fidelity_curve = curve,
+            sweep = sweepDir is null ? null : Path.Combine(sweepDir, DiffBIR.Lab.Sweeps.ResultsTable.CsvName), quality_fidelity_curve = curve, quality_fidelity_png = curvePng,
             restored = Path.Combine(restoreSettings.Output, "testcard_lq.png"),
             parity = reports.Select(r => new { @case = r.Case, file = Path.GetFileName(r.File), status = r.Status.ToString(), worst_max_rel = double.IsFinite(r.WorstRel) ? r.WorstRel : (double?)null }),
         };
@@ -124,7 +127,7 @@ public sealed class DemoCommand : Command<DemoSettings>
         AtomicFile.WriteAllText(manifestPath, JsonSerializer.Serialize(manifest, new JsonSerializerOptions { WriteIndented = true }));
         AnsiConsole.MarkupLine($"\nwrote {Markup.Escape(restoreSettings.Output)}/ and {Markup.Escape(manifestPath)} in {sw.Elapsed.TotalSeconds:F1}s");
         if (sweepDir is not null)
-            AnsiConsole.MarkupLine($"sweep table {Markup.Escape(Path.Combine(sweepDir, DiffBIR.Lab.Sweeps.ResultsTable.CsvName))}" + (curve is null ? "" : $", quality–fidelity curve {Markup.Escape(curve)}"));
+            AnsiConsole.MarkupLine($"sweep table {Markup.Escape(Path.Combine(sweepDir, DiffBIR.Lab.Sweeps.ResultsTable.CsvName))}" + (curve is null ? "" : $", quality–fidelity curve {Markup.Escape(curve)}") + (curvePng is null ? "" : $" and {Markup.Escape(curvePng)}"));
         bool anyFailed = restoreCode != 0 || sweepCode != 0 || reports.Any(r => r.Status is CaseStatus.Fail or CaseStatus.Error);
         return anyFailed ? 1 : 0;
     }

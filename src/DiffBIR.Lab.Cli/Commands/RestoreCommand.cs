@@ -71,6 +71,8 @@ public sealed class RestoreSettings : CommandSettings
     [CommandOption("--g-repeat <N>")] public int GRepeat { get; set; } = 1;
     [CommandOption("--g-patch <P>")] [Description("Gradient-map patch size for wmse (official 2).")]
     public int GPatch { get; set; } = 2;
+    [CommandOption("--g-norm <NAME[:P]>")] [Description("Gradient-map normalisation for wmse: sum (official: tanh of the patch sum), sum:T (tanh(sum/T)), mean (patch mean), max (sum / the image's largest patch sum) or percentile:Q (sum / the image's Q-th percentile).")]
+    public string GNorm { get; set; } = "sum";
     [CommandOption("--g-schedule <SPEC>")] [Description("A factor f(t) of --g-scale (the scale in effect is s·f(t)): constant (default, f = 1), linear:A:B, cosine:A:B (A at t=999, B at t=0) or piecewise:T=F,T=F,…")]
     public string GSchedule { get; set; } = "constant";
 
@@ -122,6 +124,8 @@ public sealed class RestoreSettings : CommandSettings
         if (GSpace is not ("rgb" or "latent")) return ValidationResult.Error("--g-space: must be rgb or latent");
         if (VaeTiling is not (null or "shared_group_norm" or "gaussian_blend")) return ValidationResult.Error("--vae-tiling: must be shared_group_norm or gaussian_blend");
         if (StartPoint is not (null or "noise" or "cond" or "low_frequency")) return ValidationResult.Error("--start-point: must be noise, cond or low_frequency");
+        try { WeightMapNorm.Parse(GNorm); }
+        catch (FormatException e) { return ValidationResult.Error($"--g-norm: {e.Message}"); }
         if (Precision is not ("fp32" or "fp16" or "bf16")) return ValidationResult.Error("--precision: must be fp32, fp16 or bf16");
         if (Device is not ("cpu" or "cuda")) return ValidationResult.Error("--device: must be cpu or cuda");
         return ValidationResult.Success();
@@ -207,7 +211,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         var space = s.GSpace == "latent" ? GuidanceSpace.Latent : GuidanceSpace.Rgb;
         return s.Guidance == "mse"
             ? new MseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule }
-            : new WeightedMseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule, PatchSize = s.GPatch };
+            : new WeightedMseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule, PatchSize = s.GPatch, Norm = WeightMapNorm.Parse(s.GNorm) };
     }
 
     /// <summary>The preset's defaults with the options that were given on the command line (and nothing else) applied.</summary>

@@ -22,7 +22,7 @@ public sealed class SweepCommandSettings : CommandSettings
     public string Weights { get; set; } = "weights";
     [CommandOption("--device <D>")] [Description("cpu (default) or cuda.")]
     public string Device { get; set; } = "cpu";
-    [CommandOption("--batch-size <N>")] [Description("Consecutive points that differ only in their seed run as one batch of up to N (default 1). Equal to one at a time up to float rounding; their rows leave guidance_loss_last empty.")]
+    [CommandOption("--batch-size <N>")] [Description("Consecutive points that differ only in their seed and guidance settings (scale, schedule, window, patch size, normalisation) run as one batch of up to N (default 1), each with its own seed and guidance. Equal to one at a time up to float rounding.")]
     public int BatchSize { get; set; } = 1;
     [CommandOption("--threads <N>")] [Description("CPU threads of libtorch (default: all cores; recorded in every manifest).")]
     public int? Threads { get; set; }
@@ -98,7 +98,7 @@ public sealed class SweepCommand : Command<SweepCommandSettings>
         });
         Console.Error.WriteLine($"sweep: {summary.Done} done, {summary.Skipped} already there, {summary.Failed} diverged{(summary.Cancelled ? ", interrupted" : "")}; " +
                                 $"{summary.Rows.Count} rows in {Path.Combine(s.Output, ResultsTable.CsvName)}");
-        foreach (var chart in WriteCharts(spec, summary.Rows, s.Output))
+        foreach (var chart in WriteCharts(spec, summary.Rows, s.Output, png: true, note: n => Console.Error.WriteLine($"sweep: {n}")))
             Console.Error.WriteLine($"sweep: chart {chart}");
         if (summary.Cancelled) return 130;
         return summary.Failed > 0 ? 1 : 0;
@@ -107,9 +107,11 @@ public sealed class SweepCommand : Command<SweepCommandSettings>
     /// <summary>
     /// The quality–fidelity curve of a finished table (standalone HTML, plotly.js inlined): x = the spec's first
     /// no-reference metric, y = PSNR against HQ (else against I_RM), one line per combination of the swept options
-    /// other than g_scale, points labelled with g_scale. Nothing is written without a no-reference metric.
+    /// other than g_scale, points labelled with g_scale. Nothing is written without a no-reference metric. With
+    /// <paramref name="png"/> also a PNG of it where a headless Chromium is on PATH; <paramref name="note"/> hears why not.
     /// </summary>
-    public static IReadOnlyList<string> WriteCharts(SweepSpec spec, IReadOnlyList<System.Text.Json.Nodes.JsonObject> rows, string outDir)
+    public static IReadOnlyList<string> WriteCharts(SweepSpec spec, IReadOnlyList<System.Text.Json.Nodes.JsonObject> rows, string outDir,
+        bool png = false, Action<string>? note = null)
     {
         var written = new List<string>();
         var quality = spec.Metrics.FirstOrDefault(m => DiffBIR.Lab.Metrics.Metric.Describe(m).Kind == DiffBIR.Lab.Metrics.MetricKind.NoReference);
@@ -119,7 +121,15 @@ public sealed class SweepCommand : Command<SweepCommandSettings>
         var seriesBy = spec.Axes.Select(a => a.Name).Where(n => n != "g_scale").ToArray();
         var path = Path.Combine(outDir, "quality_fidelity.html");
         if (DiffBIR.Lab.Interactive.SweepCharts.SaveQualityFidelity(rows, quality, fidelity, seriesBy, "g_scale", path))
+        {
             written.Add(path);
+            if (png)
+            {
+                var r = DiffBIR.Lab.Interactive.SweepCharts.SaveQualityFidelityPng(rows, quality, fidelity, seriesBy, "g_scale", Path.ChangeExtension(path, ".png"));
+                if (r.IsOk) written.Add(r.ResultValue);
+                else note?.Invoke($"no PNG of the curve: {r.ErrorValue}");
+            }
+        }
         return written;
     }
 

@@ -35,7 +35,7 @@ public abstract class RestorationGuidance
     public abstract Tensor Loss(Tensor target, Tensor pred);
 
     /// <summary>(g, L): g = −∂L/∂pred · s(t)·3000, computed on detached copies (official <c>__call__</c>).</summary>
-    public (Tensor G, double Loss) Gradient(Tensor target, Tensor pred, int t)
+    public virtual (Tensor G, double Loss) Gradient(Tensor target, Tensor pred, int t)
     {
         using var scope = torch.NewDisposeScope();
         var p = pred.detach().clone().requires_grad_(true);
@@ -59,16 +59,19 @@ public sealed class MseGuidance : RestorationGuidance
 /// Weighted MSE guidance (the paper's choice): L = Σ_n mean (x̂₀ − target)² ⊙ W with W = 1 − tanh(patch sum of Sobel
 /// magnitudes of the target) (<see cref="GradientMap"/>; the map is computed without gradient on (target+1)/2), so
 /// flat regions follow the stage-1 result and edges are left to the diffusion prior. <see cref="PatchSize"/> is the
-/// gradient-map patch (official: 2).
+/// gradient-map patch (official: 2); <see cref="Norm"/> how the patch statistic is normalised before tanh (official:
+/// the patch sum; see <see cref="WeightMapNorm"/> for the alternatives).
 /// </summary>
 public sealed class WeightedMseGuidance : RestorationGuidance
 {
     public int PatchSize { get; init; } = 2;
+    /// <summary>The normalisation of the gradient map (default: the official patch sum).</summary>
+    public WeightMapNorm Norm { get; init; } = WeightMapNorm.Sum;
 
     public Tensor Weight(Tensor target)
     {
         using var _ = torch.no_grad();
-        return GradientMap.WeightMap((target + 1) / 2, PatchSize);
+        return GradientMap.WeightMap((target + 1) / 2, PatchSize, Norm);
     }
 
     public override Tensor Loss(Tensor target, Tensor pred)

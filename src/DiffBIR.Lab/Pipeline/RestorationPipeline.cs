@@ -114,6 +114,7 @@ public sealed record PipelineOptions
         ["g_scale"] = Guidance?.Scale, ["g_start"] = Guidance?.TStart, ["g_stop"] = Guidance?.TStop,
         ["g_space"] = Guidance is null ? null : Guidance.Space == global::DiffBIR.Lab.Guidance.GuidanceSpace.Latent ? "latent" : "rgb",
         ["g_repeat"] = Guidance?.Repeat, ["g_patch"] = (Guidance as global::DiffBIR.Lab.Guidance.WeightedMseGuidance)?.PatchSize,
+        ["g_norm"] = (Guidance as global::DiffBIR.Lab.Guidance.WeightedMseGuidance)?.Norm.ToString(),
         ["g_schedule"] = Guidance is null ? null : Guidance.Schedule?.Description ?? "constant",
         ["cleaner_tiled"] = CleanerTiled, ["cleaner_tile_size"] = CleanerTileSize, ["cleaner_tile_stride"] = CleanerTileStride,
         ["vae_encoder_tiled"] = VaeEncoderTiled, ["vae_encoder_tile_size"] = VaeEncoderTileSize,

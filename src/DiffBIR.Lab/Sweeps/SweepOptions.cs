@@ -40,8 +40,17 @@ public sealed record SweepSettings
     public string GSpace { get; init; } = "rgb";
     public int GRepeat { get; init; } = 1;
     public int GPatch { get; init; } = 2;
-    /// <summary>constant, linear:A:B, cosine:A:B or piecewise:T=F,… (see <see cref="GuidanceSchedule.Parse"/>).</summary>
+    /// <summary>The gradient-map normalisation (<see cref="WeightMapNorm.Parse"/>): sum (official), sum:T, mean, max, percentile:Q.</summary>
+    public string GNorm { get; init; } = "sum";
+    /// <summary>constant, linear:A:B, cosine:A:B or piecewise:T=F,… (see <see cref="GuidanceSchedule.Parse"/>), or fn:NAME
+    /// for a function given to <see cref="SweepSpec.Schedule"/>.</summary>
     public string GSchedule { get; init; } = "constant";
+    /// <summary>Schedules given as functions (<see cref="SweepSpec.Schedule"/>), for <see cref="GSchedule"/> values "fn:NAME". Not an option.</summary>
+    public IReadOnlyDictionary<string, GuidanceSchedule>? CustomSchedules { get; init; }
+
+    /// <summary>The function schedule <see cref="GSchedule"/> names ("fn:NAME"), or null (a text form, or unknown).</summary>
+    public GuidanceSchedule? CustomSchedule() =>
+        GSchedule.StartsWith("fn:", StringComparison.Ordinal) && CustomSchedules is { } d && d.TryGetValue(GSchedule[3..], out var f) ? f : null;
     public bool CleanerTiled { get; init; }
     public int CleanerTileSize { get; init; } = 512;
     public int CleanerTileStride { get; init; } = 256;
@@ -71,12 +80,16 @@ public sealed record SweepSettings
     {
         if (Guidance == "none") return null;
         GuidanceSchedule? schedule;
-        try { schedule = GuidanceSchedule.Parse(GSchedule); }
-        catch (FormatException e) { throw new OptionException("g_schedule", e.Message); }
+        if (GSchedule.StartsWith("fn:", StringComparison.Ordinal))
+            schedule = CustomSchedule() ?? throw new OptionException("g_schedule",
+                $"no schedule function '{GSchedule[3..]}': define it with SweepSpec.Schedule(\"{GSchedule[3..]}\", fun t -> …) (a JSON spec cannot hold functions)");
+        else
+            try { schedule = GuidanceSchedule.Parse(GSchedule); }
+            catch (FormatException e) { throw new OptionException("g_schedule", e.Message); }
         var space = GSpace == "latent" ? GuidanceSpace.Latent : GuidanceSpace.Rgb;
         return Guidance == "mse"
             ? new MseGuidance { Scale = GScale, TStart = GStart, TStop = GStop, Space = space, Repeat = GRepeat, Schedule = schedule }
-            : new WeightedMseGuidance { Scale = GScale, TStart = GStart, TStop = GStop, Space = space, Repeat = GRepeat, Schedule = schedule, PatchSize = GPatch };
+            : new WeightedMseGuidance { Scale = GScale, TStart = GStart, TStop = GStop, Space = space, Repeat = GRepeat, Schedule = schedule, PatchSize = GPatch, Norm = WeightMapNorm.Parse(GNorm) };
     }
 
     /// <summary>The pipeline options of these settings (noise: a seeded source of <see cref="Seed"/>).</summary>
@@ -178,7 +191,8 @@ public static class SweepOptions
         S("g_space", s => s.GSpace, (s, v) => s with { GSpace = v }, new[] { "rgb", "latent" }),
         I("g_repeat", s => s.GRepeat, (s, v) => s with { GRepeat = v }),
         I("g_patch", s => s.GPatch, (s, v) => s with { GPatch = v }),
-        S("g_schedule", s => s.GSchedule, (s, v) => { GuidanceSchedule.Parse(v); return s with { GSchedule = v }; }),
+        S("g_norm", s => s.GNorm, (s, v) => s with { GNorm = WeightMapNorm.Parse(v).ToString() }),
+        S("g_schedule", s => s.GSchedule, (s, v) => { if (!v.StartsWith("fn:", StringComparison.Ordinal)) GuidanceSchedule.Parse(v); return s with { GSchedule = v }; }),
         S("pos_prompt", s => s.PosPrompt, (s, v) => s with { PosPrompt = v }),
         S("neg_prompt", s => s.NegPrompt, (s, v) => s with { NegPrompt = v }),
         B("cleaner_tiled", s => s.CleanerTiled, (s, v) => s with { CleanerTiled = v }),

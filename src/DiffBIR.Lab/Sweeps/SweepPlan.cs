@@ -71,7 +71,7 @@ public static class SweepPlan
     {
         SweepSpecException Err(string field, string cause) => new(spec.Source, field, cause);
         if (spec.Inputs.Count == 0) throw Err("inputs", "no inputs: give at least one image");
-        var baseSettings = SweepSettings.From(defaults);
+        var baseSettings = SweepSettings.From(defaults) with { CustomSchedules = spec.Schedules };
         var assignments = PointAssignments(spec);
         var run = new JsonObject
         {
@@ -136,8 +136,17 @@ public static class SweepPlan
         {
             ["run"] = run.DeepClone(), ["input_sha256"] = lqSha, ["hq_sha256"] = hqSha, ["settings"] = s.ToJson(),
         };
+        // a schedule given as a function is known by its values, not only its name
+        if (s.Guidance != "none" && s.CustomSchedule() is { } f) key["schedule_fn"] = ScheduleFingerprint(f);
         var hash = SHA256.HashData(Encoding.UTF8.GetBytes(key.ToJsonString()));
         return Convert.ToHexStringLower(hash)[..16];
+    }
+
+    /// <summary>SHA-256 (16 hex digits) of f(t) for t = 0 … 999 (round-trip text).</summary>
+    public static string ScheduleFingerprint(Guidance.GuidanceSchedule f)
+    {
+        var text = string.Join(",", Enumerable.Range(0, 1000).Select(t => f.At(t).ToString("R", CultureInfo.InvariantCulture)));
+        return Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(text)))[..16];
     }
 
     static string HashFile(string path, string source, string field)

@@ -22,9 +22,10 @@ public sealed record SweepRunOptions
     public CancellationToken Cancellation { get; init; }
     /// <summary>The device name written into manifests.</summary>
     public string Device { get; init; } = "cpu";
-    /// <summary>Consecutive points that differ only in their seed run as one batch of up to this many through UNet and
-    /// ControlNet (1: one at a time). Batched results equal one-at-a-time ones up to the networks' batch arithmetic
-    /// (float rounding); their rows leave guidance_loss_last empty (the loss is one sum over the batch).</summary>
+    /// <summary>Consecutive points that differ only in their seed and guidance settings (scale, schedule, window, patch
+    /// size, normalisation) run as one batch of up to this many through UNet and ControlNet (1: one at a time), each
+    /// with its own seed and guidance. Batched results equal one-at-a-time ones up to the networks' batch arithmetic
+    /// (float rounding).</summary>
     public int BatchSize { get; init; } = 1;
 }
 
@@ -180,15 +181,18 @@ public static class SweepRunner
     }
 
     /// <summary>
-    /// Consecutive points (of one conditioning) that differ only in their seed, up to <paramref name="size"/> a batch:
-    /// they run as one batch through UNet and ControlNet, each with its own seed (<see cref="Diffusion.BatchNoise"/>).
+    /// Consecutive points (of one conditioning) that differ only in their seed and their per-sample guidance settings
+    /// (scale, schedule, window, loss kind, patch size, normalisation), up to <paramref name="size"/> a batch: they run
+    /// as one batch through UNet and ControlNet, each with its own seed (<see cref="Diffusion.BatchNoise"/>) and its
+    /// own guidance (<see cref="Guidance.PerSampleGuidance"/>). Guided and unguided points, and points of another
+    /// guidance space or repeat count, do not share a batch.
     /// </summary>
     static IEnumerable<List<SweepPoint>> Batches(IEnumerable<SweepPoint> points, int size)
     {
         var batch = new List<SweepPoint>();
         foreach (var p in points)
         {
-            if (batch.Count > 0 && (batch.Count >= size || (batch[0].Settings with { Seed = 0 }) != (p.Settings with { Seed = 0 })))
+            if (batch.Count > 0 && (batch.Count >= size || BatchKey(batch[0].Settings) != BatchKey(p.Settings)))
             {
                 yield return batch;
                 batch = new List<SweepPoint>();
@@ -198,17 +202,27 @@ public static class SweepRunner
         if (batch.Count > 0) yield return batch;
     }
 
+    /// <summary>The settings with everything a batch may vary per sample blanked out.</summary>
+    public static SweepSettings BatchKey(SweepSettings s) => s with
+    {
+        Seed = 0, GScale = 0, GPatch = 0, GNorm = "", GSchedule = "", GStart = 0, GStop = 0,
+        Guidance = s.Guidance == "none" ? "none" : "guided",
+    };
+
     /// <summary>
     /// One batch of points (usually one): sample, then per point its metrics, image, manifest and row; null when
-    /// cancelled (nothing written). A batch's guidance loss is one sum over its samples, so batched rows leave
-    /// guidance_loss_last empty.
+    /// cancelled (nothing written). In a batch each point has its own guidance (<see cref="Guidance.PerSampleGuidance"/>),
+    /// whose per-sample losses fill each row's guidance_loss_last and each manifest's guidance_steps.
     /// </summary>
     static List<JsonObject>? RunBatch(PresetPipeline preset, SweepSpec spec, string outDir, SweepRunOptions ro, JsonObject run, List<SweepPoint> batch,
         ConditionedInput condition, Tensor? hq, Tensor irm, List<Metric> metrics, IReadOnlyList<string> columns, string stem,
         IReadOnlyDictionary<string, string> checkpoints)
     {
         var options = batch[0].Options;
-        var guided = new JsonArray();
+        var perSample = batch.Count > 1 && options.Guidance is not null
+            ? new Guidance.PerSampleGuidance(batch.Select(p => p.Options.Guidance!)) : null;
+        if (perSample is not null) options = options with { Guidance = perSample };
+        var guided = batch.Select(_ => new JsonArray()).ToArray();
         var sw = Stopwatch.StartNew();
         var rows = new List<JsonObject>();
         foreach (var point in batch)
@@ -230,8 +244,16 @@ public static class SweepRunner
             {
                 result = preset.Sample(batched ?? condition, noise is null ? options : options with { Noise = noise }, stepObserver: info =>
                 {
-                    if (info.GuidanceApplied && options.Guidance is { } g)
-                        guided.Add(new JsonObject { ["step"] = info.Step, ["t"] = info.Timestep, ["scale"] = g.ScaleAt(info.Timestep), ["loss"] = info.GuidanceLoss });
+                    if (!info.GuidanceApplied) return true;
+                    if (perSample is not null)
+                    {
+                        var losses = perSample.TakeSampleLosses();
+                        for (int n = 0; n < batch.Count; n++)
+                            if (losses[n] is { } l)
+                                guided[n].Add(new JsonObject { ["step"] = info.Step, ["t"] = info.Timestep, ["scale"] = perSample.Members[n].ScaleAt(info.Timestep), ["loss"] = l });
+                    }
+                    else if (options.Guidance is { } g)
+                        guided[0].Add(new JsonObject { ["step"] = info.Step, ["t"] = info.Timestep, ["scale"] = g.ScaleAt(info.Timestep), ["loss"] = info.GuidanceLoss });
                     return true;
                 }, cancellation: ro.Cancellation);
             }
@@ -256,8 +278,9 @@ public static class SweepRunner
                     if (!m.Info.NeedsReference) row[m.Name] = m.Score(image)[0];
                     else if (hq is not null) row[m.Name + "_hq"] = m.Score(image, hq)[0];
                 }
-                row["guidance_loss_last"] = batch.Count == 1 ? guided.LastOrDefault()?["loss"]?.DeepClone() : null;
-                row["guided_steps"] = guided.Count;
+                var steps = perSample is null ? guided[0] : guided[n];
+                row["guidance_loss_last"] = steps.LastOrDefault()?["loss"]?.DeepClone();
+                row["guided_steps"] = steps.Count;
                 row["seconds"] = Math.Round(seconds, 3);
                 row["status"] = "ok";
                 if (!spec.SaveImages) continue;
@@ -275,8 +298,8 @@ public static class SweepRunner
                     ["settings"] = point.Settings.ToJson(),
                     ["seed"] = point.Settings.Seed,
                     ["batch"] = batch.Count,
-                    // per guided step the scale in effect, s·f(t), and the loss (of the whole batch when batched)
-                    ["guidance_steps"] = guided.DeepClone(),
+                    // per guided step the scale in effect, s·f(t), and this point's loss
+                    ["guidance_steps"] = steps.DeepClone(),
                     ["notes"] = new JsonArray(result.Notes.Select(t => (JsonNode)t!).ToArray()),
                     ["checkpoints"] = JsonSerializer.SerializeToNode(checkpoints),
                     ["not_a_trained_model"] = result.NotATrainedModel,
@@ -295,7 +318,7 @@ public static class SweepRunner
             {
                 row["status"] = "non-finite: " + e.Message;
                 row["seconds"] = Math.Round(sw.Elapsed.TotalSeconds / batch.Count, 3);
-                row["guided_steps"] = guided.Count;
+                row["guided_steps"] = (perSample is null ? guided[0] : guided[rows.IndexOf(row)]).Count;
             }
         }
         return rows;

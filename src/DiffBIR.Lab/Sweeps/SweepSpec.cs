@@ -48,6 +48,8 @@ public sealed record SweepSpec
     public bool SaveImages { get; init; } = true;
     /// <summary>Where the spec came from (its file, or "spec"); errors name it.</summary>
     public string Source { get; init; } = "spec";
+    /// <summary>Guidance schedules given as functions f(t) (<see cref="Schedule"/>), used by <c>g_schedule</c> values "fn:NAME".</summary>
+    public IReadOnlyDictionary<string, Guidance.GuidanceSchedule> Schedules { get; init; } = new Dictionary<string, Guidance.GuidanceSchedule>();
 
     public double EffectiveUpscale => Upscale ?? (Task == "sr" ? 4 : 1);
 
@@ -84,6 +86,20 @@ public sealed record SweepSpec
             return new SweepValue(kv.Key, Value(kv.Value, $"points[{k}].{kv.Key}"), $"points[{k}].{kv.Key}");
         }).ToArray();
         return this with { Points = Points.Append(point).ToArray() };
+    }
+
+    /// <summary>
+    /// A guidance schedule given as a function f(t) of the model timestep t (999 … 0), under a name that g_schedule
+    /// values use as "fn:NAME": the scale in effect is s(t) = g_scale · f(t). From F#:
+    /// <code>spec.Schedule("late", fun t -> if t &lt; 500 then 1.0 else 0.0).Grid("g_schedule", "constant", "fn:late")</code>
+    /// Point ids include f's values at t = 0 … 999, so changing the function (not only its name) reruns its points.
+    /// </summary>
+    public SweepSpec Schedule(string name, Func<int, double> f)
+    {
+        if (string.IsNullOrEmpty(name) || !name.All(c => char.IsAsciiLetterOrDigit(c) || c is '_' or '-' or '.'))
+            throw new SweepSpecException(Source, $"schedules.{name}", "a schedule name is letters, digits, '_', '-' or '.'");
+        var all = new Dictionary<string, Guidance.GuidanceSchedule>(Schedules) { [name] = new Guidance.GuidanceSchedule(f, "fn:" + name) };
+        return this with { Schedules = all };
     }
 
     public SweepSpec WithPreset(string preset, string task = "sr", double? upscale = null) => this with { Preset = preset, Task = task, Upscale = upscale };
@@ -284,6 +300,9 @@ public sealed record SweepSpec
             ["metrics"] = new JsonArray(Metrics.Select(m => (JsonNode)m!).ToArray()),
             ["save_images"] = SaveImages,
         };
+        if (Schedules.Count > 0)
+            o["schedules"] = new JsonObject(Schedules.OrderBy(kv => kv.Key, StringComparer.Ordinal)
+                .Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)SweepPlan.ScheduleFingerprint(kv.Value))));
         return o;
     }
 }
