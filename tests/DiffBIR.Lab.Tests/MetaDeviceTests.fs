@@ -11,6 +11,7 @@ open FsUnit.Xunit
 open TorchSharp
 open DiffBIR.Lab.Diffusion
 open DiffBIR.Lab.Sampling
+open DiffBIR.Lab.Tests.TestSupport
 
 let private meta = torch.device "meta"
 
@@ -45,7 +46,7 @@ let private sampleOnMeta (name: string) =
     use noise = new SeededNoise(7L)
     let error =
         try
-            use z = SamplingLoop.Sample(name, NoiseSchedule.V2, SamplerOptions(CfgScale = 4.0), cfg, xT, 3, noise)
+            use z = sampleAll name NoiseSchedule.V2 (SamplerOptions(CfgScale = 4.0)) cfg xT 3 noise null null
             if z.device_type <> DeviceType.META || z.shape <> [| 1L; 4L; 8L; 8L |] then Some (sprintf "got %A on %O" z.shape z.device) else None
         with e ->
             // where it stopped: the first frame of ours in the trace
@@ -99,5 +100,5 @@ let ``the shape-only denoiser fails on meta when it meets a CPU tensor (the chec
     let cfg = CfgDenoiser(ShapeOnlyDenoiser(), cpuCond, cpuCond)
     use xT = torch.zeros([| 1L; 4L; 8L; 8L |], device = meta)
     use noise = new SeededNoise(7L)
-    (fun () -> (SamplingLoop.Sample("spaced", NoiseSchedule.V2, SamplerOptions(CfgScale = 4.0), cfg, xT, 3, noise)).Dispose())
+    (fun () -> (sampleAll "spaced" NoiseSchedule.V2 (SamplerOptions(CfgScale = 4.0)) cfg xT 3 noise null null).Dispose())
     |> should throw typeof<System.Runtime.InteropServices.ExternalException>
