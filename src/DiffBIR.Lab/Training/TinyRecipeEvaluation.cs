@@ -109,6 +109,14 @@ public static class TinyRecipeEvaluation
             preset.Pipeline.StepObserver = null;
             using (var r = preset.Restore(lqU8, baseOptions with { Guidance = new MseGuidance { Scale = sMax } })) s2g = ImageIO.FromUInt8(r.Image);
             Add("degraded input (Eq. 2 LQ)", lqF, hq);
+            // Two references for what the f8 latent can hold: the VAE round trip of HQ itself, and HQ reduced to the
+            // mean of each 8×8 block (3 numbers per block; the latent has 4) and brought back bicubically.
+            using (no_grad())
+            {
+                var cldm = preset.Pipeline.Cldm;
+                Add("VAE round trip of HQ (decode(mode(encode)))", ((cldm.VaeDecode(cldm.VaeEncode(hq * 2 - 1)) + 1) / 2).clamp(0, 1), hq);
+            }
+            Add("HQ as 8×8 block means, bicubic up", ImageOps.ResizeBicubic(nn.functional.avg_pool2d(hq, 8), o.Size, o.Size).clamp(0, 1), hq);
             Add("bicubic (LQ at its ⌊H/r⌋ size, bicubic up)", bicubic, hq);
             Add("stage 1 (SwinIR)", s1, hq);
             Add("stage 2, s = 0", s2, hq);

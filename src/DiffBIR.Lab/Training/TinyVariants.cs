@@ -77,14 +77,14 @@ public static class TinyVariants
         foreach (var variant in o.Variants)
         {
             var mode = ModeOf(variant);
-            var file = Path.Combine(outDir, $"controlnet_{variant}.safetensors");
+            var file = Path.GetFullPath(Path.Combine(outDir, $"controlnet_{variant}.safetensors"));
             var sw = Stopwatch.StartNew();
             double loss = double.NaN;
             bool committed = variant == "irc" && stage == recipeStage && !o.RetrainIrc;
             if (committed)
             {
                 // The recipe's own IRControlNet: same stage-2 settings, batches and draws as the variants get here.
-                file = Path.Combine(weightsDir, "controlnet.safetensors");
+                file = Path.GetFullPath(Path.Combine(weightsDir, "controlnet.safetensors"));
                 loss = (double?)recipe["final_losses"]?["stage2"] ?? double.NaN;
             }
             else using (var cldm = TinyRecipe.NewCldm(scale, mode, recipe["model"]!["cldm"]))
