@@ -183,7 +183,7 @@ let ``Table 1 in miniature: variants train on the recipe's stage-2 batches and d
         use recipe = Checkpoint.Load(d.File "controlnet.safetensors")
         retrained.Tensors.Count |> should equal recipe.Tensors.Count
         for KeyValue(k, t) in recipe.Tensors do
-            (retrained.Tensors.[k] - t).abs().max().item<float32>() |> should equal 0.0f
+            (retrained.Tensors.[k] - t).abs().max().to_type(torch.ScalarType.Float32).item<float32>() |> should equal 0.0f
         for v in [ "v5"; "v6" ] do
             use ck = Checkpoint.Load(out.File (sprintf "controlnet_%s.safetensors" v))
             ck.Metadata.[TrainingCheckpoint.ControlModeKey] |> should equal v
