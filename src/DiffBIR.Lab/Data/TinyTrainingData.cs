@@ -38,7 +38,7 @@ public sealed class TinyTrainingData : IDisposable
     /// <summary>Their degraded versions, same shape.</summary>
     public Tensor Lq { get; }
 
-    readonly SeededDegradationRandom _sampler;
+    SeededDegradationRandom _sampler;
 
     /// <param name="log">progress lines (optional)</param>
     public TinyTrainingData(long seed, int count, int size, Action<string>? log = null)
@@ -91,6 +91,10 @@ public sealed class TinyTrainingData : IDisposable
         }
         return (torch.stack(hs).contiguous().MoveToOuterDisposeScope(), torch.stack(ls).contiguous().MoveToOuterDisposeScope());
     }
+
+    /// <summary>Restarts the crop sampler as if the data were new (runs that must see the same batches, e.g. the
+    /// variants of Table 1 in miniature, share one data set).</summary>
+    public void RestartSampler() => _sampler = new SeededDegradationRandom((ulong)Seed ^ 0x5EED5A3B1E5UL);
 
     /// <summary>Indices of <paramref name="batch"/> whole images (for stages that train at full size).</summary>
     public long[] SampleIndices(int batch)

@@ -59,6 +59,9 @@ public sealed record BuildOptions
     /// <summary>Folder of the trained tiny weights (null: weights/tiny of the repository the library runs from, see
     /// <see cref="Presets.FindTinyWeights"/>).</summary>
     public string? TinyWeightsDir { get; init; }
+    /// <summary>Preset tiny: an IRControlNet variant to load instead of the committed controlnet.safetensors (Table 1
+    /// in miniature: <c>weights train-tiny --variants</c>); the file is trusted as given (no SHA-256 in recipe.json).</summary>
+    public (Models.StableDiffusion.ControlMode Mode, string File)? TinyControlNet { get; init; }
     public CustomCheckpoints? Custom { get; init; }
     public Device? Device { get; init; }
 }
@@ -166,12 +169,12 @@ public static class Presets
 
     /// <summary>
     /// The trained tiny DiffBIR (weights/tiny, made by <c>diffbir-lab weights train-tiny</c>, docs/tiny-preset.md):
-    /// VAE, UNet prior, SwinIR stage 1 and IRControlNet trained on procedural images, the v2 schedule, a 128-px
-    /// condition; one stage-1 network for every task. It has no text conditioning (trained with the empty prompt),
-    /// so both prompts default to "" and CFG to 1. Default sampler DDIM: with this model the EDM samplers return
-    /// an image that does not depend on the steps (see docs/tiny-preset.md, known problem).
+    /// VAE, UNet prior, SwinIR stage 1 and IRControlNet trained on procedural images with the v2.1 schedule (zero
+    /// terminal SNR, v-prediction, as the official HEAD: the EDM samplers need it), a 128-px condition; one stage-1
+    /// network for every task. The schedule actually used is the one recipe.json names (older weights: v2). It has no
+    /// text conditioning (trained with the empty prompt), so both prompts default to "" and CFG to 1.
     /// </summary>
-    public static PresetSpec Tiny { get; } = new("tiny", NoiseSchedule.V2, "tiny/unet+vae",
+    public static PresetSpec Tiny { get; } = new("tiny", NoiseSchedule.V2_1, "tiny/unet+vae",
         PerTask("tiny/controlnet", "tiny/controlnet", "tiny/controlnet"),
         PerTask(new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1"), new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1"), new CleanerChoice(CleanerKind.SwinIR, "tiny/stage1")),
         InferenceDefaults with { PosPrompt = "", NegPrompt = "", CfgScale = 1.0, Sampler = "ddim" });
@@ -413,7 +416,8 @@ public static class Presets
                     "the file is damaged or from another run: restore it from git or regenerate all with scripts/train-tiny.sh");
         }
         double scale = (double?)recipe["model"]?["latent_scale_factor"] ?? throw new CheckpointException(recipePath, "no model.latent_scale_factor");
-        var cldm = Training.TinyRecipe.NewCldm(scale);
+        // The architecture recorded with the weights (recipes before it was read from there have the same one as the code).
+        var cldm = Training.TinyRecipe.NewCldm(scale, o.TinyControlNet?.Mode ?? Models.StableDiffusion.ControlMode.Add, recipe["model"]?["cldm"]);
         void Load(nn.Module m, string file)
         {
             using var sd = Checkpoint.Load(Path.Combine(dir, file));
@@ -421,13 +425,16 @@ public static class Presets
         }
         Load(cldm.vae, "vae.safetensors");
         Load(cldm.unet, "unet.safetensors");
-        Load(cldm.controlnet, "controlnet.safetensors");
+        Load(cldm.controlnet, o.TinyControlNet?.File ?? "controlnet.safetensors");
         cldm.eval();
-        var cleaner = new SwinIRCleaner(new SwinIR(Training.TinyRecipe.Stage1Config)) { ConditionShortEdge = TinyConditionShortEdge };
+        // Recipes from before recipe.json recorded the stage-1 config and the schedule used SwinIR ×8 and v2.
+        var stage1Config = recipe["model"]?["stage1_config"] is JsonNode sc ? Models.Stage1.SwinIRConfig.FromJson(sc) : Training.TinyRecipe.Stage1Config;
+        var schedule = (string?)recipe["model"]?["schedule"] == "v2.1" ? Diffusion.NoiseSchedule.V2_1 : Diffusion.NoiseSchedule.V2;
+        var cleaner = new SwinIRCleaner(new SwinIR(stage1Config)) { ConditionShortEdge = TinyConditionShortEdge };
         Load(cleaner.Network, "stage1.safetensors");
         cleaner.Network.eval();
         files = Training.TinyRecipe.WeightFiles.Select(f => Path.Combine(dir, f)).Append(recipePath).ToList();
-        return new RestorationPipeline(cleaner, cldm, preset.Schedule);
+        return new RestorationPipeline(cleaner, cldm, schedule);
     }
 
     static RestorationPipeline BuildTiny(PresetSpec preset, RestorationTask task, string weightsDir, BuildOptions o)

@@ -33,12 +33,25 @@ public sealed record TinyRecipeOptions
     /// <summary>Training images (procedural indices 0 … N − 1) and their size.</summary>
     public int Images { get; init; } = 512;
     public int ImageSize { get; init; } = 128;
-    public TinyStage Vae { get; init; } = new(1000, 4, 32, 1e-3);
-    public TinyStage Prior { get; init; } = new(1000, 8, 64, 1e-3);
+    /// <summary>64-px crops: the VAE's middle attention then sees 8×8 latents (16×16 at inference); 32-px crops (4×4)
+    /// generalised badly to whole images.</summary>
+    public TinyStage Vae { get; init; } = new(600, 4, 64, 1e-3);
+    /// <summary>Whole 128-px images (16×16 latents, the inference size) for the attention of the prior and the ControlNet.</summary>
+    public TinyStage Prior { get; init; } = new(600, 4, 128, 1e-3);
     public TinyStage Stage1 { get; init; } = new(500, 4, 64, 1e-3);
-    public TinyStage Stage2 { get; init; } = new(400, 4, 64, 5e-4);
+    public TinyStage Stage2 { get; init; } = new(400, 2, 128, 5e-4);
     /// <summary>Log the mean loss every this many steps.</summary>
     public int LogEvery { get; init; } = 100;
+    /// <summary>Diffusion schedule of the prior and the IRControlNet: "v2.1" (zero terminal SNR, v-prediction, as the
+    /// official HEAD; the EDM samplers need it, see docs/tiny-preset.md) or "v2" (linear-sqrt β, ε-prediction).</summary>
+    public string Schedule { get; init; } = "v2.1";
+    /// <summary>Stop after this stage ("vae", "prior", "stage1"; null: all) — pilots; nothing is written but the log.</summary>
+    public string? StopAfter { get; init; }
+    /// <summary>Pixel-unshuffle factor = upscale factor of the stage-1 SwinIR (8 as the released v1 SwinIR; smaller keeps
+    /// more of the input per token: 12 or 48 input channels instead of 192 for the 32-channel embedding).</summary>
+    public int Stage1Scale { get; init; } = 2;
+    /// <summary>Held-out images measured after the VAE (round-trip PSNR) and after stage 1 (PSNR vs the LQ input).</summary>
+    public int HeldOutChecks { get; init; } = 8;
 
     /// <summary>The recipe with <paramref name="steps"/> steps per stage on <paramref name="images"/> images (tests, smoke runs).</summary>
     public static TinyRecipeOptions Short(int steps, int images = 8, long seed = 2026)
@@ -48,7 +61,7 @@ public sealed record TinyRecipeOptions
         {
             Seed = seed, Images = images, LogEvery = Math.Max(1, Math.Min(steps, 10)),
             Vae = d.Vae with { Steps = steps, Batch = 2 }, Prior = d.Prior with { Steps = steps, Batch = 2 },
-            Stage1 = d.Stage1 with { Steps = steps, Batch = 2 }, Stage2 = d.Stage2 with { Steps = steps, Batch = 2 },
+            Stage1 = d.Stage1 with { Steps = steps, Batch = 2 }, Stage2 = d.Stage2 with { Steps = steps, Batch = 2 }, HeldOutChecks = 1,
         };
     }
 }
@@ -78,8 +91,21 @@ public static class TinyRecipe
 
     /// <summary>The stage-1 network of the trained tiny model: SwinIR as the released v1 one (pixel-unshuffle 8,
     /// nearest+conv upsampler), 32 channels, 2 stages of 2 blocks, no DropPath.</summary>
-    public static SwinIRConfig Stage1Config { get; } = new(ImgSize: 16, EmbedDim: 32, Depths: new[] { 2, 2 }, NumHeads: new[] { 2, 2 },
-        WindowSize: 8, MlpRatio: 2, Sf: 8, Upsampler: "nearest+conv", Unshuffle: true, UnshuffleScale: 8, DropPathRate: 0);
+    public static SwinIRConfig Stage1Config { get; } = Stage1ConfigFor(8);
+
+    /// <summary>The tiny stage-1 SwinIR with pixel-unshuffle (and upscale) factor <paramref name="scale"/> (2, 4 or 8).</summary>
+    /// img_size 16 keeps the attention-mask buffers small (they are saved; other sizes compute their mask at run time).
+    public static SwinIRConfig Stage1ConfigFor(int scale) => new(ImgSize: 16, EmbedDim: 32, Depths: new[] { 2, 2 }, NumHeads: new[] { 2, 2 },
+        WindowSize: 8, MlpRatio: 2, Sf: scale, Upsampler: "nearest+conv", Unshuffle: true, UnshuffleScale: scale, DropPathRate: 0);
+
+    /// <summary>A SwinIR config as the official constructor arguments (what <see cref="SwinIRConfig.FromJson"/> reads).</summary>
+    public static JsonObject Stage1Json(SwinIRConfig c) => new()
+    {
+        ["img_size"] = c.ImgSize, ["patch_size"] = c.PatchSize, ["in_chans"] = c.InChans, ["embed_dim"] = c.EmbedDim,
+        ["depths"] = new JsonArray(c.Depths.Select(d => (JsonNode?)d).ToArray()), ["num_heads"] = new JsonArray(c.NumHeads.Select(d => (JsonNode?)d).ToArray()),
+        ["window_size"] = c.WindowSize, ["mlp_ratio"] = c.MlpRatio, ["sf"] = c.Sf, ["img_range"] = c.ImgRange, ["upsampler"] = c.Upsampler,
+        ["resi_connection"] = c.ResiConnection, ["unshuffle"] = c.Unshuffle, ["unshuffle_scale"] = c.UnshuffleScale, ["drop_path_rate"] = c.DropPathRate,
+    };
 
     /// <summary>
     /// The ControlLDM of the trained tiny model: the fixtures' tiny config (UNet/ControlNet 32 ch, channel_mult [1, 2];
@@ -90,12 +116,15 @@ public static class TinyRecipe
         ControlLdmConfig.FromJson(JsonNode.Parse(CldmJson)!) with { LatentScaleFactor = latentScaleFactor };
 
     /// <summary>The architecture as a config JSON (latent_scale_factor left at SD's; recipe.json has the trained one).</summary>
-    public static string CldmJson { get; } = Presets.TinyCldmJson.Replace("\"ch_mult\": [1, 1, 2, 2]", "\"ch_mult\": [1, 1, 1, 1]", StringComparison.Ordinal);
+    public static string CldmJson { get; } = Presets.TinyCldmJson.Replace("\"ch_mult\": [1, 1, 2, 2]", "\"ch_mult\": [1, 1, 1, 1]", StringComparison.Ordinal)
+        .Replace("\"dropout\": 0.0}", "\"dropout\": 0.0, \"norm_num_groups\": 8}", StringComparison.Ordinal);
 
     /// <summary>The tiny ControlLDM with the frozen random CLIP (byte-level tokenizer: the empty prompt needs no vocabulary).</summary>
-    public static ControlLDM NewCldm(double latentScaleFactor)
+    public static ControlLDM NewCldm(double latentScaleFactor, Models.StableDiffusion.ControlMode mode = Models.StableDiffusion.ControlMode.Add,
+        JsonNode? config = null)
     {
-        var cldm = new ControlLDM(CldmConfig(latentScaleFactor), ClipTokenizer.ByteLevel());
+        var cfg = config is null ? CldmConfig(latentScaleFactor) : ControlLdmConfig.FromJson(config) with { LatentScaleFactor = latentScaleFactor };
+        var cldm = new ControlLDM(cfg with { Mode = mode }, ClipTokenizer.ByteLevel());
         Presets.RandomInit(cldm.clip, ClipSeed);
         return cldm;
     }
@@ -152,7 +181,8 @@ public static class TinyRecipe
         log($"data: {o.Images} procedural images of {o.ImageSize} px with Eq. 2 LQ versions ({stageSeconds["data"]:F0} s)");
 
         using var draws = new SeededTrainingDraws(o.Seed + 1);
-        var schedule = NoiseSchedule.V2;
+        var schedule = ScheduleOf(o.Schedule);
+        var heldOut = new JsonObject();
         var cldm = NewCldm(1.0);
         InitFromScratch(cldm.vae, o.Seed + 10);
         // The posterior starts narrow (log σ² = −6, σ ≈ 0.05) instead of σ ≈ 1: with a few hundred steps the decoder
@@ -164,7 +194,7 @@ public static class TinyRecipe
             qb[TensorIndex.Slice(c, null)].fill_(-6.0);
         }
         InitFromScratch(cldm.unet, o.Seed + 11);
-        var stage1 = new SwinIR(Stage1Config);
+        var stage1 = new SwinIR(Stage1ConfigFor(o.Stage1Scale));
         InitFromScratch(stage1, o.Seed + 12);
 
         // (1) VAE.
@@ -189,6 +219,13 @@ public static class TinyRecipe
         }
         cldm.vae.eval();
         foreach (var p in cldm.vae.parameters()) p.requires_grad = false;
+        if (o.HeldOutChecks > 0)
+        {
+            double psnr = VaeRoundTripPsnr(cldm.vae, o.Seed, o.HeldOutChecks, o.ImageSize);
+            heldOut["vae_round_trip_psnr"] = Math.Round(psnr, 2);
+            log(Invariant($"vae    held-out round trip (posterior mode, {o.HeldOutChecks} images of {o.ImageSize} px): PSNR {psnr:F2} dB"));
+        }
+        if (o.StopAfter == "vae") { cldm.Dispose(); stage1.Dispose(); return Stopped(o, finals, heldOut, wall); }
 
         // Latent scale: 1 / std of the posterior means of the training images (LDM's scale_by_std), 4 significant digits.
         Tensor means, stds;
@@ -253,6 +290,7 @@ public static class TinyRecipe
             stageSeconds["prior"] = sw.Elapsed.TotalSeconds;
         }
         means.Dispose(); stds.Dispose();
+        if (o.StopAfter == "prior") { cldm.Dispose(); stage1.Dispose(); return Stopped(o, finals, heldOut, wall); }
 
         // (3) Stage 1 on Eq. 2 pairs.
         {
@@ -277,30 +315,25 @@ public static class TinyRecipe
         }
         stage1.eval();
         foreach (var p in stage1.parameters()) p.requires_grad = false;
+        if (o.HeldOutChecks > 0)
+        {
+            var (s1, lqPsnr) = Stage1Psnr(stage1, o.Seed, o.HeldOutChecks, o.ImageSize);
+            heldOut["stage1_psnr"] = Math.Round(s1, 2);
+            heldOut["lq_psnr"] = Math.Round(lqPsnr, 2);
+            log(Invariant($"stage1 held-out ({o.HeldOutChecks} images): PSNR {s1:F2} dB (LQ input {lqPsnr:F2} dB)"));
+        }
+        if (o.StopAfter == "stage1") { cldm.Dispose(); stage1.Dispose(); return Stopped(o, finals, heldOut, wall); }
 
-        // (4) IRControlNet from the UNet.
-        cldm.unet.eval();
-        cldm.controlnet.LoadFromUNet(cldm.unet);
+        // (4) IRControlNet from the UNet. The frozen networks are first rounded to what is committed (float16), so the
+        // ControlNet learns against the networks it will run with; the crop sampler and the draws restart from their
+        // own seed, so that `weights train-tiny --variants` can train Variants 5 and 6 on the same batches from the
+        // committed files alone.
+        RoundToFloat16(cldm.vae); RoundToFloat16(cldm.unet); RoundToFloat16(stage1);
         {
             var sw = Stopwatch.StartNew();
-            Stage2Trainer.Prepare(cldm);
-            using var opt = Stage2Trainer.CreateOptimizer(cldm, o.Stage2.LearningRate);
-            var prompts = Enumerable.Repeat(Prompt, o.Stage2.Batch).ToArray();
-            var window = new List<double>();
-            for (int step = 1; step <= o.Stage2.Steps; step++)
-            {
-                ct.ThrowIfCancellationRequested();
-                using var scope = NewDisposeScope();
-                var (hq, lq) = data.Sample(o.Stage2.Batch, o.Stage2.Crop);
-                using var r = Stage2Trainer.Step(cldm, stage1, schedule, 0, (hq * 2 - 1).permute(0, 2, 3, 1), lq.permute(0, 2, 3, 1),
-                    prompts, opt, draws);
-                window.Add(r.Loss.item<float>());
-                if (step % o.LogEvery == 0 || step == o.Stage2.Steps)
-                {
-                    log(Invariant($"stage2 step {step,5}/{o.Stage2.Steps}: loss {window.Average():F5} {sw.Elapsed.TotalSeconds:F0} s"));
-                    finals["stage2"] = window.Average(); window.Clear();
-                }
-            }
+            data.RestartSampler();
+            using var draws2 = new SeededTrainingDraws(Stage2DrawsSeed(o.Seed));
+            finals["stage2"] = TrainControlNet(cldm, stage1, schedule, data, draws2, o.Stage2, o.LogEvery, "stage2", log, ct);
             stageSeconds["stage2"] = sw.Elapsed.TotalSeconds;
         }
         context.Dispose();
@@ -319,10 +352,55 @@ public static class TinyRecipe
         }
         wall.Stop();
         var recipePath = Path.Combine(outDir, RecipeFile);
-        AtomicFile.WriteAllText(recipePath, RecipeJson(o, scale, sha, finals, stageSeconds, wall.Elapsed.TotalSeconds).ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
+        AtomicFile.WriteAllText(recipePath, RecipeJson(o, scale, sha, finals, stageSeconds, heldOut, wall.Elapsed.TotalSeconds).ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
         cldm.Dispose(); stage1.Dispose();
         log(Invariant($"done in {wall.Elapsed.TotalSeconds:F0} s: {string.Join(", ", sha.Select(kv => $"{kv.Key} {kv.Value[..12]}"))}"));
         return new TinyRecipeResult(sha, finals, scale, wall.Elapsed.TotalSeconds, recipePath);
+    }
+
+    /// <summary>Seed of the stage-2 draws (shared by the recipe's IRControlNet and the variants).</summary>
+    public static long Stage2DrawsSeed(long seed) => seed + 4;
+
+    /// <summary>Rounds every float parameter and buffer to float16 precision in place (what SaveFloat16 stores).</summary>
+    public static void RoundToFloat16(nn.Module module)
+    {
+        using var _ = no_grad();
+        foreach (var (_, t) in module.state_dict())
+            if (t.is_floating_point()) { using var h = t.to(ScalarType.Float16).to(t.dtype); t.copy_(h); }
+    }
+
+    /// <summary>
+    /// Stage 2 of the recipe: the ControlNet of <paramref name="cldm"/> (IRControlNet or a variant, by its config's mode)
+    /// starts from the UNet (<c>load_controlnet_from_unet</c>) and learns with the official step on (HQ, stage1(LQ))
+    /// crops, empty prompt, no noise augmentation. Returns the mean loss of the last logging window.
+    /// </summary>
+    public static double TrainControlNet(ControlLDM cldm, SwinIR stage1, NoiseSchedule schedule, TinyTrainingData data, ITrainingDraws draws,
+        TinyStage stage, int logEvery, string label, Action<string> log, CancellationToken ct = default)
+    {
+        var sw = Stopwatch.StartNew();
+        cldm.unet.eval();
+        cldm.controlnet.LoadFromUNet(cldm.unet);
+        Stage2Trainer.Prepare(cldm);
+        using var opt = Stage2Trainer.CreateOptimizer(cldm, stage.LearningRate);
+        var prompts = Enumerable.Repeat(Prompt, stage.Batch).ToArray();
+        var window = new List<double>();
+        double last = double.NaN;
+        for (int step = 1; step <= stage.Steps; step++)
+        {
+            ct.ThrowIfCancellationRequested();
+            using var scope = NewDisposeScope();
+            var (hq, lq) = data.Sample(stage.Batch, stage.Crop);
+            using var r = Stage2Trainer.Step(cldm, stage1, schedule, 0, (hq * 2 - 1).permute(0, 2, 3, 1), lq.permute(0, 2, 3, 1),
+                prompts, opt, draws);
+            window.Add(r.Loss.item<float>());
+            if (step % logEvery == 0 || step == stage.Steps)
+            {
+                log(Invariant($"{label} step {step,5}/{stage.Steps}: loss {window.Average():F5} {sw.Elapsed.TotalSeconds:F0} s"));
+                last = window.Average(); window.Clear();
+            }
+        }
+        cldm.controlnet.eval();
+        return last;
     }
 
     /// <summary>
@@ -349,8 +427,58 @@ public static class TinyRecipe
         foreach (var (k, v) in target.state_dict()) v.copy_(src[k]);
     }
 
+    /// <summary>The noise schedule of a recipe's <see cref="TinyRecipeOptions.Schedule"/> name.</summary>
+    public static NoiseSchedule ScheduleOf(string name) => name switch
+    {
+        "v2.1" => NoiseSchedule.V2_1,
+        "v2" => NoiseSchedule.V2,
+        _ => throw new ArgumentException($"schedule '{name}': expected v2 or v2.1"),
+    };
+
+    static TinyRecipeResult Stopped(TinyRecipeOptions o, Dictionary<string, double> finals, JsonObject heldOut, Stopwatch wall)
+    {
+        var all = new Dictionary<string, double>(finals);
+        foreach (var (k, v) in heldOut) all["heldout_" + k] = (double)v!;
+        return new TinyRecipeResult(new Dictionary<string, string>(), all, double.NaN, wall.Elapsed.TotalSeconds, "");
+    }
+
+    /// <summary>Mean PSNR (dB) of VAE round trips D(mode(E(x))) on held-out images (whole <paramref name="size"/>-px images:
+    /// the size the pipeline uses, so that the mid-block attention sees the inference latent size).</summary>
+    public static double VaeRoundTripPsnr(Models.Vae.AutoencoderKL vae, long dataSeed, int images, int size)
+    {
+        using var _ = no_grad();
+        double sum = 0;
+        for (int i = 0; i < images; i++)
+        {
+            using var scope = NewDisposeScope();
+            var hq = ProceduralImages.Generate(dataSeed, TinyTrainingData.HeldOutStart + i, size).unsqueeze(0);
+            using var post = vae.Encode(hq * 2 - 1);
+            var rec = ((vae.Decode(post.Mode()) + 1) / 2).clamp(0, 1);
+            sum += Metrics.ImageMetrics.Psnr(rec, hq).mean().item<double>();
+        }
+        return sum / images;
+    }
+
+    /// <summary>Mean PSNR (dB) vs HQ of stage 1 on held-out Eq. 2 LQ images, and of the LQ images themselves.</summary>
+    public static (double Stage1, double Lq) Stage1Psnr(nn.Module<Tensor, Tensor> stage1, long dataSeed, int images, int size)
+    {
+        using var _ = no_grad();
+        double s1 = 0, lqs = 0;
+        for (int i = 0; i < images; i++)
+        {
+            using var scope = NewDisposeScope();
+            long index = TinyTrainingData.HeldOutStart + i;
+            var hq = ProceduralImages.Generate(dataSeed, index, size);
+            var lq = TinyTrainingData.DegradeOne(hq, dataSeed, index).unsqueeze(0);
+            var outp = stage1.forward(lq).clamp(0, 1);
+            s1 += Metrics.ImageMetrics.Psnr(outp, hq.unsqueeze(0)).mean().item<double>();
+            lqs += Metrics.ImageMetrics.Psnr(lq, hq.unsqueeze(0)).mean().item<double>();
+        }
+        return (s1 / images, lqs / images);
+    }
+
     static JsonObject RecipeJson(TinyRecipeOptions o, double scale, Dictionary<string, string> sha, Dictionary<string, double> finals,
-        Dictionary<string, double> seconds, double wallSeconds)
+        Dictionary<string, double> seconds, JsonObject heldOut, double wallSeconds)
     {
         JsonObject Stage(TinyStage s) => new() { ["steps"] = s.Steps, ["batch"] = s.Batch, ["crop"] = s.Crop, ["learning_rate"] = s.LearningRate };
         JsonObject Nums(Dictionary<string, double> d) => new(d.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)JsonValue.Create(Math.Round(kv.Value, 6)))));
@@ -365,10 +493,12 @@ public static class TinyRecipe
             {
                 ["cldm"] = JsonNode.Parse(CldmJson),
                 ["latent_scale_factor"] = scale,
-                ["stage1"] = "SwinIR img_size 16, embed 32, depths [2, 2], heads [2, 2], window 8, mlp 2, pixel-unshuffle 8, nearest+conv, no DropPath",
+                ["stage1"] = $"SwinIR embed 32, depths [2, 2], heads [2, 2], window 8, mlp 2, pixel-unshuffle {o.Stage1Scale}, nearest+conv, no DropPath",
+                ["stage1_config"] = Stage1Json(Stage1ConfigFor(o.Stage1Scale)),
                 ["clip"] = $"not trained, not stored: Presets.RandomInit(clip, {ClipSeed}) at load",
                 ["prompt"] = Prompt,
-                ["schedule"] = "v2 (linear-sqrt β, ε-prediction)",
+                ["schedule"] = o.Schedule,
+                ["schedule_description"] = o.Schedule == "v2.1" ? "v2.1 (linear-sqrt β rescaled to zero terminal SNR, v-prediction)" : "v2 (linear-sqrt β, ε-prediction)",
                 ["dtype"] = "float16 on disk, float32 at run time",
             },
             ["data"] = new JsonObject
@@ -379,6 +509,7 @@ public static class TinyRecipe
             },
             ["stages"] = new JsonObject { ["vae"] = Stage(o.Vae), ["prior"] = Stage(o.Prior), ["stage1"] = Stage(o.Stage1), ["stage2"] = Stage(o.Stage2) },
             ["final_losses"] = Nums(finals),
+            ["held_out"] = heldOut,
             ["seconds"] = Nums(seconds),
             ["wall_seconds"] = Math.Round(wallSeconds, 1),
             ["sha256"] = new JsonObject(sha.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)JsonValue.Create(kv.Value)))),

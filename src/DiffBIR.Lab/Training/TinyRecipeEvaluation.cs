@@ -4,6 +4,7 @@ using DiffBIR.Lab.Data;
 using DiffBIR.Lab.Guidance;
 using DiffBIR.Lab.IO;
 using DiffBIR.Lab.Metrics;
+using DiffBIR.Lab.Metrics.Niqe;
 using DiffBIR.Lab.Pipeline;
 using DiffBIR.Lab.Sampling;
 using TorchSharp;
@@ -70,6 +71,10 @@ public static class TinyRecipeEvaluation
             acc[k] = (ps + p.mean().item<double>(), ss + s.mean().item<double>());
         }
         double dStage2Stage1 = 0, detailS1 = 0, detailS2 = 0, detailHq = 0, detailG = 0;
+        // niqe-lab (weight-free NIQE fitted on the project's HQ images; lower is better), when its model is found.
+        using var niqe = NiqeLab.FindModel() is null ? null : Metric.Get(Metric.NiqeLabName);
+        var niqeSum = new Dictionary<string, double>();
+        void AddNiqe(string k, Tensor img) { if (niqe != null) niqeSum[k] = niqeSum.GetValueOrDefault(k) + niqe.Score(img)[0]; }
         var x0Detail = new double[baseOptions.Steps];
         var x0Psnr = new double[baseOptions.Steps];
         for (int i = 0; i < o.Images; i++)
@@ -104,12 +109,21 @@ public static class TinyRecipeEvaluation
             preset.Pipeline.StepObserver = null;
             using (var r = preset.Restore(lqU8, baseOptions with { Guidance = new MseGuidance { Scale = sMax } })) s2g = ImageIO.FromUInt8(r.Image);
             Add("degraded input (Eq. 2 LQ)", lqF, hq);
+            // Two references for what the f8 latent can hold: the VAE round trip of HQ itself, and HQ reduced to the
+            // mean of each 8×8 block (3 numbers per block; the latent has 4) and brought back bicubically.
+            using (no_grad())
+            {
+                var cldm = preset.Pipeline.Cldm;
+                Add("VAE round trip of HQ (decode(mode(encode)))", ((cldm.VaeDecode(cldm.VaeEncode(hq * 2 - 1)) + 1) / 2).clamp(0, 1), hq);
+            }
+            Add("HQ as 8×8 block means, bicubic up", ImageOps.ResizeBicubic(nn.functional.avg_pool2d(hq, 8), o.Size, o.Size).clamp(0, 1), hq);
             Add("bicubic (LQ at its ⌊H/r⌋ size, bicubic up)", bicubic, hq);
             Add("stage 1 (SwinIR)", s1, hq);
             Add("stage 2, s = 0", s2, hq);
             Add($"stage 2, s = {F(sMax, "G")}", s2g, hq);
             using (var d = ImageMetrics.Psnr(s2, s1)) dStage2Stage1 += d.mean().item<double>();
             detailS1 += Detail(s1); detailS2 += Detail(s2); detailHq += Detail(hq); detailG += Detail(s2g);
+            AddNiqe("degraded input", lqF); AddNiqe("stage 1", s1); AddNiqe("stage 2, s = 0", s2); AddNiqe($"stage 2, s = {F(sMax, "G")}", s2g); AddNiqe("HQ", hq);
             if (rows.Count < o.GridRows)
                 rows.Add(new[] { lqF, s1, s2, s2g, hq }.Select(t => t.detach().clone().MoveToOuterDisposeScope()).ToArray());
             log($"eval image {i + 1}/{o.Images}");
@@ -125,6 +139,16 @@ public static class TinyRecipeEvaluation
         sb.AppendLine($"Stage 2 (s = 0) vs stage 1: PSNR {F(dStage2Stage1 / n)} dB between them. Detail (mean |Laplacian| of luma, ×255): " +
                       $"stage 1 {F(detailS1 / n)}, stage 2 {F(detailS2 / n)}, stage 2 at s = {F(sMax, "G")} {F(detailG / n)}, HQ {F(detailHq / n)}.");
         sb.AppendLine();
+        if (niqe != null)
+        {
+            sb.AppendLine("niqe-lab (NIQE with the pristine model fitted on the project's own HQ images, 32-px blocks; lower is better):");
+            sb.AppendLine();
+            sb.AppendLine("| " + string.Join(" | ", niqeSum.Keys) + " |");
+            sb.AppendLine("| " + string.Join(" | ", niqeSum.Keys.Select(_ => "---")) + " |");
+            sb.AppendLine("| " + string.Join(" | ", niqeSum.Values.Select(v => F(v / n))) + " |");
+            sb.AppendLine();
+        }
+        else sb.AppendLine("niqe-lab: not measured (weights/niqe_lab.safetensors not found).").AppendLine();
         sb.AppendLine("Decoded x̂₀ per sampling step (mean over the images): detail / PSNR vs HQ:");
         sb.AppendLine();
         sb.AppendLine("| step | " + string.Join(" | ", Enumerable.Range(1, x0Detail.Length)) + " |");
@@ -177,8 +201,6 @@ public static class TinyRecipeEvaluation
         }
         sb.AppendLine();
         sb.AppendLine($"Monotone in s for {monotone} of {samplers.Count} samplers.");
-        sb.AppendLine();
-        sb.AppendLine("TODO(NIQE): add NIQE (fitted on the project's own HQ images) of stage 1 vs stage 2 at s = 0 once the weight-free NIQE metric is merged.");
 
         gridAndReturn();
         return sb.ToString();

@@ -24,6 +24,10 @@ public sealed record VaeDdConfig
     public int[] AttnResolutions { get; init; } = Array.Empty<int>();
     /// <summary>Dropout is the identity at inference; kept for the config's sake.</summary>
     public double Dropout { get; init; }
+    /// <summary>Groups of every GroupNorm (official <c>Normalize</c>: 32, not configurable there; diffusers calls it
+    /// <c>norm_num_groups</c>). Only the tiny VAE changes it: with 32 channels, 32 groups normalise each channel alone,
+    /// so the decoder's last norm erases every per-channel offset (the image's colours) and the network cannot learn.</summary>
+    public int NormGroups { get; init; } = 32;
 
     public static VaeDdConfig FromJson(JsonNode n) => new()
     {
@@ -37,6 +41,7 @@ public sealed record VaeDdConfig
         NumResBlocks = (int)n["num_res_blocks"]!,
         AttnResolutions = n["attn_resolutions"]?.AsArray().Select(x => (int)x!).ToArray() ?? Array.Empty<int>(),
         Dropout = (double?)n["dropout"] ?? 0.0,
+        NormGroups = (int?)n["norm_num_groups"] ?? 32,
     };
 }
 
@@ -64,7 +69,7 @@ public sealed record VaeConfig
 static class VaeOps
 {
     /// <summary>GroupNorm with 32 groups and eps 1e-6 (official <c>Normalize</c>; note the eps differs from torch's 1e-5).</summary>
-    public static GroupNorm Normalize(long channels) => nn.GroupNorm(32, channels, eps: 1e-6, affine: true);
+    public static GroupNorm Normalize(long channels, int groups = 32) => nn.GroupNorm(groups, channels, eps: 1e-6, affine: true);
 
     /// <summary>swish, written as x·σ(x) like the official <c>nonlinearity</c> (silu may round differently).</summary>
     public static Tensor Swish(Tensor x) => x * torch.sigmoid(x);
@@ -113,11 +118,11 @@ public sealed class ResnetBlock : nn.Module<Tensor, Tensor>
     /// <summary>1×1 projection of the skip path, present only when the channel count changes.</summary>
     readonly Conv2d? nin_shortcut;
 
-    public ResnetBlock(long inChannels, long outChannels) : base(nameof(ResnetBlock))
+    public ResnetBlock(long inChannels, long outChannels, int groups = 32) : base(nameof(ResnetBlock))
     {
-        norm1 = VaeOps.Normalize(inChannels);
+        norm1 = VaeOps.Normalize(inChannels, groups);
         conv1 = nn.Conv2d(inChannels, outChannels, 3, stride: 1, padding: 1);
-        norm2 = VaeOps.Normalize(outChannels);
+        norm2 = VaeOps.Normalize(outChannels, groups);
         conv2 = nn.Conv2d(outChannels, outChannels, 3, stride: 1, padding: 1);
         if (inChannels != outChannels) nin_shortcut = nn.Conv2d(inChannels, outChannels, 1);
         RegisterComponents();
@@ -149,9 +154,9 @@ public sealed class AttnBlock : nn.Module<Tensor, Tensor>
     readonly GroupNorm norm;
     readonly Conv2d q, k, v, proj_out;
 
-    public AttnBlock(long channels) : base(nameof(AttnBlock))
+    public AttnBlock(long channels, int groups = 32) : base(nameof(AttnBlock))
     {
-        norm = VaeOps.Normalize(channels);
+        norm = VaeOps.Normalize(channels, groups);
         q = nn.Conv2d(channels, channels, 1);
         k = nn.Conv2d(channels, channels, 1);
         v = nn.Conv2d(channels, channels, 1);
@@ -247,11 +252,11 @@ public sealed class VaeMiddle : nn.Module<Tensor, Tensor>
     readonly AttnBlock attn_1;
     readonly ResnetBlock block_2;
 
-    internal VaeMiddle(long channels) : base(nameof(VaeMiddle))
+    internal VaeMiddle(long channels, int groups = 32) : base(nameof(VaeMiddle))
     {
-        block_1 = new ResnetBlock(channels, channels);
-        attn_1 = new AttnBlock(channels);
-        block_2 = new ResnetBlock(channels, channels);
+        block_1 = new ResnetBlock(channels, channels, groups);
+        attn_1 = new AttnBlock(channels, groups);
+        block_2 = new ResnetBlock(channels, channels, groups);
         RegisterComponents();
     }
 
@@ -286,17 +291,17 @@ public sealed class VaeEncoder : nn.Module<Tensor, Tensor>
             var attns = new List<nn.Module<Tensor, Tensor>>();
             for (int i = 0; i < c.NumResBlocks; i++)
             {
-                blocks.Add(new ResnetBlock(blockIn, blockOut));
+                blocks.Add(new ResnetBlock(blockIn, blockOut, c.NormGroups));
                 blockIn = blockOut;
-                if (c.AttnResolutions.Contains(res)) attns.Add(new AttnBlock(blockIn));
+                if (c.AttnResolutions.Contains(res)) attns.Add(new AttnBlock(blockIn, c.NormGroups));
             }
             Downsample? ds = null;
             if (level != c.ChMult.Length - 1) { ds = new Downsample(blockIn); res /= 2; }
             levels.Add(new VaeLevel(blocks, attns, ds, null));
         }
         down = new ModuleList<VaeLevel>(levels.ToArray());
-        mid = new VaeMiddle(blockIn);
-        norm_out = VaeOps.Normalize(blockIn);
+        mid = new VaeMiddle(blockIn, c.NormGroups);
+        norm_out = VaeOps.Normalize(blockIn, c.NormGroups);
         conv_out = nn.Conv2d(blockIn, c.DoubleZ ? 2L * c.ZChannels : c.ZChannels, 3, stride: 1, padding: 1);
         RegisterComponents();
     }
@@ -333,7 +338,7 @@ public sealed class VaeDecoder : nn.Module<Tensor, Tensor>
         long blockIn = (long)c.Ch * c.ChMult[n - 1];
         int res = c.Resolution >> (n - 1);
         conv_in = nn.Conv2d(c.ZChannels, blockIn, 3, stride: 1, padding: 1);
-        mid = new VaeMiddle(blockIn);
+        mid = new VaeMiddle(blockIn, c.NormGroups);
         var levels = new VaeLevel[n];
         for (int level = n - 1; level >= 0; level--)
         {
@@ -342,16 +347,16 @@ public sealed class VaeDecoder : nn.Module<Tensor, Tensor>
             var attns = new List<nn.Module<Tensor, Tensor>>();
             for (int i = 0; i < c.NumResBlocks + 1; i++)
             {
-                blocks.Add(new ResnetBlock(blockIn, blockOut));
+                blocks.Add(new ResnetBlock(blockIn, blockOut, c.NormGroups));
                 blockIn = blockOut;
-                if (c.AttnResolutions.Contains(res)) attns.Add(new AttnBlock(blockIn));
+                if (c.AttnResolutions.Contains(res)) attns.Add(new AttnBlock(blockIn, c.NormGroups));
             }
             Upsample? us = null;
             if (level != 0) { us = new Upsample(blockIn); res *= 2; }
             levels[level] = new VaeLevel(blocks, attns, null, us);
         }
         up = new ModuleList<VaeLevel>(levels);
-        norm_out = VaeOps.Normalize(blockIn);
+        norm_out = VaeOps.Normalize(blockIn, c.NormGroups);
         conv_out = nn.Conv2d(blockIn, c.OutCh, 3, stride: 1, padding: 1);
         RegisterComponents();
     }

@@ -34,6 +34,8 @@ public sealed class TiledVae
     readonly string _prefix;
     readonly bool _isDecoder;
     readonly int _numResolutions, _numResBlocks;
+    /// <summary>GroupNorm groups of the VAE (32 except for the tiny one).</summary>
+    readonly int _groups;
 
     /// <summary>Tile side: pixels for the encoder, latent pixels for the decoder (official <c>tile_size</c>).</summary>
     public int TileSize { get; }
@@ -50,6 +52,7 @@ public sealed class TiledVae
         _net = _mods[_prefix.TrimEnd('.')];
         _numResolutions = vae.Config.DdConfig.ChMult.Length;
         _numResBlocks = vae.Config.DdConfig.NumResBlocks;
+        _groups = vae.Config.DdConfig.NormGroups;
         if (vae.Config.DdConfig.AttnResolutions.Length > 0)
             throw new NotSupportedException("tiled VAE: the official task queue has no per-level attention (attn_resolutions must be empty, as in SD)");
     }
@@ -168,20 +171,20 @@ public sealed class TiledVae
     }
 
     /// <summary>Per-group variance and mean of a tile over (channels in group, H, W), population variance (official <c>get_var_mean</c>).</summary>
-    static (Tensor Var, Tensor Mean) VarMean(Tensor tile)
+    (Tensor Var, Tensor Mean) VarMean(Tensor tile)
     {
         long b = tile.shape[0], c = tile.shape[1];
-        var r = tile.contiguous().view(1, b * 32, c / 32, tile.shape[2], tile.shape[3]);
+        var r = tile.contiguous().view(1, b * _groups, c / _groups, tile.shape[2], tile.shape[3]);
         var (v, m) = torch.var_mean(r, new long[] { 0, 2, 3, 4 }, unbiased: false);
         return (v, m);
     }
 
     /// <summary>GroupNorm with given statistics (official <c>custom_group_norm</c>: batch_norm in eval mode, eps 1e-6, then the affine).</summary>
-    static Tensor CustomGroupNorm(Tensor x, Tensor mean, Tensor var, GroupNorm norm)
+    Tensor CustomGroupNorm(Tensor x, Tensor mean, Tensor var, GroupNorm norm)
     {
         using var scope = torch.NewDisposeScope();
         long b = x.shape[0], c = x.shape[1];
-        var r = x.contiguous().view(1, b * 32, c / 32, x.shape[2], x.shape[3]);
+        var r = x.contiguous().view(1, b * _groups, c / _groups, x.shape[2], x.shape[3]);
         var o = F.batch_norm(r, mean.to(x.dtype), var.to(x.dtype), null, null, training: false, momentum: 0, eps: 1e-6);
         o = o.view(b, c, x.shape[2], x.shape[3]);
         if (norm.weight is not null) o = o * norm.weight.view(1, -1, 1, 1);
