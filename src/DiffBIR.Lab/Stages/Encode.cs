@@ -58,8 +58,8 @@ public sealed class Encode
         {
             // the official code draws after the encoder ran; only the order among draws matters
             long down = 1L << (model.Config.Vae.DdConfig.ChMult.Length - 1);
-            using var like = torch.empty(new[] { image.shape[0], (long)model.Config.Vae.EmbedDim, image.shape[2] / down, image.shape[3] / down },
-                                         image.dtype, image.device);
+            var shape = new[] { image.shape[0], (long)model.Config.Vae.EmbedDim, image.shape[2] / down, image.shape[3] / down };
+            using var like = torch.empty(shape, image.dtype, image.device);
             eps = posteriorNoise.Next(like);
         }
         return model.VaeEncode(image, eps, tiled, tileSize).MoveToOuterDisposeScope();
