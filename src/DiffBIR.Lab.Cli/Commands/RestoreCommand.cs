@@ -208,10 +208,7 @@ public sealed class RestoreCommand : Command<RestoreSettings>
         GuidanceSchedule? schedule;
         try { schedule = GuidanceSchedule.Parse(s.GSchedule); }
         catch (FormatException e) { throw new OptionException("--g-schedule", e.Message); }
-        var space = s.GSpace == "latent" ? GuidanceSpace.Latent : GuidanceSpace.Rgb;
-        return s.Guidance == "mse"
-            ? new MseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule }
-            : new WeightedMseGuidance { Scale = s.GScale, TStart = s.GStart, TStop = s.GStop, Space = space, Repeat = s.GRepeat, Schedule = schedule, PatchSize = s.GPatch, Norm = WeightMapNorm.Parse(s.GNorm) };
+        return RestorationGuidance.Create(s.Guidance, s.GScale, s.GStart, s.GStop, s.GSpace, s.GRepeat, schedule, s.GPatch, s.GNorm);
     }
 
     /// <summary>The preset's defaults with the options that were given on the command line (and nothing else) applied.</summary>

@@ -28,6 +28,20 @@ public abstract class RestorationGuidance
     /// <summary>The paper scale in effect at model timestep t: s · f(t).</summary>
     public double ScaleAt(int t) => Scale * (Schedule?.At(t) ?? 1.0);
 
+    /// <summary>
+    /// The guidance of the CLI's and the sweep's names: <paramref name="kind"/> none (null), mse or wmse; space rgb or
+    /// latent; <paramref name="norm"/> a <see cref="WeightMapNorm"/> name (wmse only). The one place both build it.
+    /// </summary>
+    public static RestorationGuidance? Create(string kind, double scale, int tStart, int tStop, string space, int repeat,
+                                              GuidanceSchedule? schedule, int patchSize, string norm)
+    {
+        if (kind == "none") return null;
+        var sp = space == "latent" ? GuidanceSpace.Latent : GuidanceSpace.Rgb;
+        return kind == "mse"
+            ? new MseGuidance { Scale = scale, TStart = tStart, TStop = tStop, Space = sp, Repeat = repeat, Schedule = schedule }
+            : new WeightedMseGuidance { Scale = scale, TStart = tStart, TStop = tStop, Space = sp, Repeat = repeat, Schedule = schedule, PatchSize = patchSize, Norm = WeightMapNorm.Parse(norm) };
+    }
+
     /// <summary>Whether the window contains model timestep t (official: t_stop &lt; t+1 &lt; t_start).</summary>
     public bool IsActive(int t) { int tNow = t + 1; return TStop < tNow && tNow < TStart; }
 

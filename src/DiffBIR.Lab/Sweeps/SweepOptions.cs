@@ -86,10 +86,7 @@ public sealed record SweepSettings
         else
             try { schedule = GuidanceSchedule.Parse(GSchedule); }
             catch (FormatException e) { throw new OptionException("g_schedule", e.Message); }
-        var space = GSpace == "latent" ? GuidanceSpace.Latent : GuidanceSpace.Rgb;
-        return Guidance == "mse"
-            ? new MseGuidance { Scale = GScale, TStart = GStart, TStop = GStop, Space = space, Repeat = GRepeat, Schedule = schedule }
-            : new WeightedMseGuidance { Scale = GScale, TStart = GStart, TStop = GStop, Space = space, Repeat = GRepeat, Schedule = schedule, PatchSize = GPatch, Norm = WeightMapNorm.Parse(GNorm) };
+        return RestorationGuidance.Create(Guidance, GScale, GStart, GStop, GSpace, GRepeat, schedule, GPatch, GNorm);
     }
 
     /// <summary>The pipeline options of these settings (noise: a seeded source of <see cref="Seed"/>).</summary>
