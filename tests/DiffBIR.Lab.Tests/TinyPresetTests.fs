@@ -168,6 +168,66 @@ let ``norm_num_groups sets the VAE's GroupNorm groups: 32 (official) erases per-
     (TinyRecipe.CldmConfig 1.0).Vae.DdConfig.NormGroups |> should equal 8
 
 [<Fact>]
+let ``norm_out: false drops both last GroupNorms (keys and computation); the official default keeps them`` () =
+    let config (normOut: bool option) =
+        let json = Text.Json.Nodes.JsonNode.Parse(TinyRecipe.CldmJson).["vae_cfg"]
+        let dd = json.["ddconfig"].AsObject()
+        dd.Remove "norm_out" |> ignore
+        normOut |> Option.iter (fun b -> dd.["norm_out"] <- Text.Json.Nodes.JsonValue.Create(b: bool))
+        DiffBIR.Lab.Models.Vae.VaeConfig.FromJson json
+    (config None).DdConfig.NormOut |> should be True
+    (config (Some false)).DdConfig.NormOut |> should be False
+    (TinyRecipe.CldmConfig 1.0).Vae.DdConfig.NormOut |> should be False
+    use withNorm = new DiffBIR.Lab.Models.Vae.AutoencoderKL(config None)
+    use without = new DiffBIR.Lab.Models.Vae.AutoencoderKL(config (Some false))
+    let keys (m: DiffBIR.Lab.Models.Vae.AutoencoderKL) = m.state_dict().Keys |> Set.ofSeq
+    Set.difference (keys withNorm) (keys without)
+    |> should equal (set [ "encoder.norm_out.weight"; "encoder.norm_out.bias"; "decoder.norm_out.weight"; "decoder.norm_out.bias" ])
+    Set.isSubset (keys without) (keys withNorm) |> should be True
+    // The same weights otherwise: with norm_out the decoder's output changes when the whole latent is shifted by a
+    // constant only through the norm; without it a constant shift reaches conv_out. Check that the two really differ.
+    TinyRecipe.InitFromScratch(withNorm, 3L)
+    use _ = torch.no_grad ()
+    let sd = withNorm.state_dict()
+    for KeyValue(k, v) in without.state_dict() do v.copy_(sd.[k]) |> ignore
+    use z = torch.randn([| 1L; 4L; 4L; 4L |], generator = new torch.Generator(5UL))
+    use a = withNorm.Decode z
+    use b = without.Decode z
+    (a - b).abs().max().item<float32>() |> should be (greaterThan 1e-3f)
+
+[<Fact>]
+/// The recipe's VAE starting point is the 8×8 block-mean codec: checked against avg_pool2d and nearest upsampling
+/// computed here, on a procedural image with odd content (not on anything the init wrote).
+let ``the tiny VAE starts as the 8×8 block-mean codec: mu = block means, decode = nearest upsampling, exactly`` () =
+    withThreads 1 <| fun () ->
+        use cldm = TinyRecipe.NewCldm 1.0
+        TinyRecipe.InitFromScratch(cldm.vae, 9L)
+        TinyRecipe.InitVaeAsBlockMeans cldm.vae
+        use _ = torch.no_grad ()
+        use x = ProceduralImages.Generate(4L, 17L, 48).unsqueeze(0) * 2.0f - 1.0f
+        use post = cldm.vae.Encode x
+        use means = torch.nn.functional.avg_pool2d(x, 8L)
+        maxAbs (post.Mean.narrow(1L, 0L, 3L)) means |> should be (lessThan 1e-5f)
+        // log σ² starts at −6 everywhere (σ ≈ 0.05)
+        (post.LogVar + 6.0f).abs().max().item<float32>() |> should be (lessThan 1e-5f)
+        use z = post.Mean.clone()
+        z.narrow(1L, 3L, 1L).zero_() |> ignore   // the free channel has random encoder rows; the decoder ignores it at step 0
+        use recon = cldm.vae.Decode z
+        use up = torch.nn.functional.interpolate(means, scale_factor = [| 8.0; 8.0 |], mode = torch.InterpolationMode.Nearest)
+        maxAbs recon up |> should be (lessThan 1e-5f)
+        use recon2 = cldm.vae.Decode post.Mean
+        maxAbs recon2 up |> should be (lessThan 1e-5f)
+        // the official layout (norm_out present) cannot carry the codec: refused with the reason
+        use official = new DiffBIR.Lab.Models.Vae.AutoencoderKL()
+        (Assert.Throws<ArgumentException>(fun () -> TinyRecipe.InitVaeAsBlockMeans official)).Message |> should haveSubstring "norm_out"
+
+[<Fact>]
+let ``the learning-rate decay is constant, then falls linearly over the last fraction of the steps`` () =
+    [ for s in 1 .. 10 -> TinyRecipe.DecayFactor(s, 10, 0.3) ] |> should equal [ 1.0; 1.0; 1.0; 1.0; 1.0; 1.0; 1.0; 0.75; 0.5; 0.25 ]
+    [ for s in 1 .. 4 -> TinyRecipe.DecayFactor(s, 4, 0.0) ] |> should equal [ 1.0; 1.0; 1.0; 1.0 ]
+    [ for s in 1 .. 3 -> TinyRecipe.DecayFactor(s, 3, 1.0) ] |> should equal [ 0.75; 0.5; 0.25 ]
+
+[<Fact>]
 let ``Table 1 in miniature: variants train on the recipe's stage-2 batches and draws (a retrained IRControlNet equals the recipe's), and each is measured`` () =
     withThreads 1 <| fun () ->
         use d = new TempDir()

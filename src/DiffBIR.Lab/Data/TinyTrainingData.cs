@@ -17,17 +17,18 @@ public sealed class TinyTrainingData : IDisposable
     public const long HeldOutStart = 1_000_000;
 
     /// <summary>
-    /// The degradation of the tiny recipe: Eq. 2 with ranges scaled to 64–128-px images (train_stage1.yaml's are for
-    /// 512 px: σ up to 12 and r up to 12 leave nothing of a 128-px image): blur σ ∈ [0.1, 3] (21-tap kernels),
-    /// downsample r ∈ [1, 4], noise δ ∈ [0, 10], JPEG q ∈ [50, 100].
+    /// The degradation of the tiny recipe: Eq. 2 with the spatial ranges scaled to 64–128-px images (train_stage1.yaml's
+    /// are for 512 px: σ up to 12 and r up to 12 leave nothing of a 128-px image): blur σ ∈ [0.1, 3] (21-tap kernels),
+    /// downsample r ∈ [1, 4]; noise and JPEG act per pixel and per 8×8 block whatever the image size, so they keep the
+    /// official ranges: noise δ ∈ [0, 15], JPEG q ∈ [30, 100].
     /// </summary>
     public static FirstOrderDegradation Degradation { get; } = new()
     {
         BlurKernelSize = 21,
         BlurSigma = new ValueRange(0.1, 3),
         DownsampleRange = new ValueRange(1, 4),
-        NoiseRange = new ValueRange(0, 10),
-        JpegRange = new ValueRange(50, 100),
+        NoiseRange = new ValueRange(0, 15),
+        JpegRange = new ValueRange(30, 100),
     };
 
     public long Seed { get; }

@@ -35,11 +35,14 @@ public sealed record TinyRecipeOptions
     public int ImageSize { get; init; } = 128;
     /// <summary>64-px crops: the VAE's middle attention then sees 8×8 latents (16×16 at inference); 32-px crops (4×4)
     /// generalised badly to whole images.</summary>
-    public TinyStage Vae { get; init; } = new(600, 4, 64, 1e-3);
+    public TinyStage Vae { get; init; } = new(1500, 4, 64, 3e-4);
     /// <summary>Whole 128-px images (16×16 latents, the inference size) for the attention of the prior and the ControlNet.</summary>
     public TinyStage Prior { get; init; } = new(600, 4, 128, 1e-3);
-    public TinyStage Stage1 { get; init; } = new(500, 4, 64, 1e-3);
+    public TinyStage Stage1 { get; init; } = new(1500, 4, 64, 1e-3);
     public TinyStage Stage2 { get; init; } = new(400, 2, 128, 5e-4);
+    /// <summary>The VAE's and stage 1's learning rate falls linearly to zero over this last fraction of their steps
+    /// (constant before): both hover at a constant rate, and the decay settles them (0: constant throughout).</summary>
+    public double DecayFraction { get; init; } = 0.3;
     /// <summary>Log the mean loss every this many steps.</summary>
     public int LogEvery { get; init; } = 100;
     /// <summary>Diffusion schedule of the prior and the IRControlNet: "v2.1" (zero terminal SNR, v-prediction, as the
@@ -117,7 +120,7 @@ public static class TinyRecipe
 
     /// <summary>The architecture as a config JSON (latent_scale_factor left at SD's; recipe.json has the trained one).</summary>
     public static string CldmJson { get; } = Presets.TinyCldmJson.Replace("\"ch_mult\": [1, 1, 2, 2]", "\"ch_mult\": [1, 1, 1, 1]", StringComparison.Ordinal)
-        .Replace("\"dropout\": 0.0}", "\"dropout\": 0.0, \"norm_num_groups\": 8}", StringComparison.Ordinal);
+        .Replace("\"dropout\": 0.0}", "\"dropout\": 0.0, \"norm_num_groups\": 8, \"norm_out\": false}", StringComparison.Ordinal);
 
     /// <summary>The tiny ControlLDM with the frozen random CLIP (byte-level tokenizer: the empty prompt needs no vocabulary).</summary>
     public static ControlLDM NewCldm(double latentScaleFactor, Models.StableDiffusion.ControlMode mode = Models.StableDiffusion.ControlMode.Add,
@@ -164,6 +167,63 @@ public static class TinyRecipe
         }
     }
 
+    /// <summary>
+    /// Starts the VAE as the 8×8 block-mean codec written into the official layout (round trip of the held-out images
+    /// 23.8 dB before any step), so that training only has to add detail. From torch's random initialisation the tiny
+    /// VAE spent hundreds of steps on a grey plateau (15 dB, below the 17 dB of a flat image of the mean colour): colour
+    /// has to cross a dozen random layers. Here:
+    /// <list type="bullet">
+    /// <item>the main path carries the image in six channels, +x in 0–2 and −x in 3–5, so the swish before each
+    /// <c>conv_out</c> is undone exactly (swish(u) − swish(−u) = u) — which needs <c>"norm_out": false</c>, as the tiny
+    /// config has;</item>
+    /// <item>encoder: <c>conv_in</c> copies (±), each <c>downsample</c> averages its 2×2 block (the official pad (0, 1, 0, 1)
+    /// and stride 2 make that exact), <c>conv_out</c> gives μ = the block means in latent channels 0–2; latent channel 3
+    /// and log σ² start with zero weights, log σ² at −6 (σ ≈ 0.05: a few hundred steps are not spent learning to ignore
+    /// unit-variance noise; the small KL then keeps σ in check);</item>
+    /// <item>decoder: <c>conv_in</c> copies (±), each <c>upsample</c> conv passes its nearest-upsampled input through,
+    /// <c>conv_out</c> takes the difference;</item>
+    /// <item>every residual branch (<c>conv2</c>) and the attention's <c>proj_out</c> start at zero, so every block is the
+    /// identity at step 0; the other 26 channels of each main-path conv keep their random rows.</item>
+    /// </list>
+    /// </summary>
+    public static void InitVaeAsBlockMeans(Models.Vae.AutoencoderKL vae)
+    {
+        var dd = vae.Config.DdConfig;
+        if (dd.NormOut || dd.ZChannels < 3 || dd.Ch * dd.ChMult.Min() < 6 || dd.InChannels != 3 || dd.OutCh != 3)
+            throw new ArgumentException("the block-mean initialisation needs norm_out: false, 3 image channels, ≥ 3 latent channels and ≥ 6 channels per level");
+        using var _ = no_grad();
+        var p = vae.named_parameters().ToDictionary(kv => kv.name, kv => kv.parameter);
+        foreach (var (name, t) in p)
+            if (name.Contains(".conv2.", StringComparison.Ordinal) || name.Contains(".proj_out.", StringComparison.Ordinal)) t.zero_();
+        void Rows(string conv, Action<Tensor, int> set)
+        {
+            var w = p[conv + ".weight"]; var b = p[conv + ".bias"];
+            for (int c = 0; c < 6; c++) { w[c].zero_(); set(w[c], c); b[c].fill_(0); }
+        }
+        void Split(Tensor wc, int c) => wc[c % 3, 1, 1].fill_(c < 3 ? 1.0 : -1.0);
+        Rows("encoder.conv_in", Split);
+        foreach (var conv in p.Keys.Where(k => k.EndsWith(".downsample.conv.weight", StringComparison.Ordinal)).Select(k => k[..^".weight".Length]).ToList())
+            Rows(conv, (wc, c) => { wc[c, 0, 0].fill_(0.25); wc[c, 0, 1].fill_(0.25); wc[c, 1, 0].fill_(0.25); wc[c, 1, 1].fill_(0.25); });
+        var eo = p["encoder.conv_out.weight"]; var eb = p["encoder.conv_out.bias"];
+        long z = dd.ZChannels;
+        for (long c = 0; c < eo.shape[0]; c++)
+        {
+            if (c >= 3 && c < z) continue;                         // free latent channels: random rows
+            eo[c].zero_(); eb[c].fill_(c < 3 ? 0.0 : -6.0);        // log σ² rows (c ≥ z): σ ≈ 0.05
+            if (c < 3) { eo[c, c, 1, 1].fill_(1.0); eo[c, c + 3, 1, 1].fill_(-1.0); }
+        }
+        var q = p["quant_conv.weight"]; var qb = p["quant_conv.bias"];
+        q.zero_(); qb.zero_();
+        for (long c = 0; c < q.shape[0]; c++) q[c, c, 0, 0].fill_(1.0);
+        var pq = p["post_quant_conv.weight"]; pq.zero_(); p["post_quant_conv.bias"].zero_();
+        for (long c = 0; c < pq.shape[0]; c++) pq[c, c, 0, 0].fill_(1.0);
+        Rows("decoder.conv_in", Split);
+        foreach (var conv in p.Keys.Where(k => k.EndsWith(".upsample.conv.weight", StringComparison.Ordinal)).Select(k => k[..^".weight".Length]).ToList())
+            Rows(conv, (wc, c) => wc[c, 1, 1].fill_(1.0));
+        var dw = p["decoder.conv_out.weight"]; dw.zero_(); p["decoder.conv_out.bias"].zero_();
+        for (int c = 0; c < 3; c++) { dw[c, c, 1, 1].fill_(1.0); dw[c, c + 3, 1, 1].fill_(-1.0); }
+    }
+
     /// <summary>Runs the whole recipe and writes weights and recipe.json into <paramref name="outDir"/>.</summary>
     public static TinyRecipeResult Train(string outDir, TinyRecipeOptions? options = null, Action<string>? log = null, CancellationToken ct = default)
     {
@@ -185,14 +245,7 @@ public static class TinyRecipe
         var heldOut = new JsonObject();
         var cldm = NewCldm(1.0);
         InitFromScratch(cldm.vae, o.Seed + 10);
-        // The posterior starts narrow (log σ² = −6, σ ≈ 0.05) instead of σ ≈ 1: with a few hundred steps the decoder
-        // would otherwise spend them learning to ignore unit-variance noise; the small KL then keeps σ in check.
-        using (no_grad())
-        {
-            var qb = cldm.vae.named_parameters().First(p => p.name == "quant_conv.bias").parameter;
-            long c = qb.shape[0] / 2;
-            qb[TensorIndex.Slice(c, null)].fill_(-6.0);
-        }
+        InitVaeAsBlockMeans(cldm.vae);
         InitFromScratch(cldm.unet, o.Seed + 11);
         var stage1 = new SwinIR(Stage1ConfigFor(o.Stage1Scale));
         InitFromScratch(stage1, o.Seed + 12);
@@ -206,6 +259,7 @@ public static class TinyRecipe
             {
                 ct.ThrowIfCancellationRequested();
                 using var scope = NewDisposeScope();
+                SetLearningRate(opt, o.Vae.LearningRate * DecayFactor(step, o.Vae.Steps, o.DecayFraction));
                 var (hq, _) = data.Sample(o.Vae.Batch, o.Vae.Crop);
                 var l = VaeTrainer.Step(cldm.vae, hq * 2 - 1, opt, draws);
                 window.Add(l.Loss);
@@ -301,6 +355,7 @@ public static class TinyRecipe
             {
                 ct.ThrowIfCancellationRequested();
                 using var scope = NewDisposeScope();
+                SetLearningRate(opt, o.Stage1.LearningRate * DecayFactor(step, o.Stage1.Steps, o.DecayFraction));
                 var (hq, lq) = data.Sample(o.Stage1.Batch, o.Stage1.Crop);
                 using var r = Stage1Trainer.Step(stage1, (hq * 2 - 1).permute(0, 2, 3, 1), lq.permute(0, 2, 3, 1), opt, draws);
                 // Report the mean squared error per pixel (the official loss is its sum).
@@ -356,6 +411,20 @@ public static class TinyRecipe
         cldm.Dispose(); stage1.Dispose();
         log(Invariant($"done in {wall.Elapsed.TotalSeconds:F0} s: {string.Join(", ", sha.Select(kv => $"{kv.Key} {kv.Value[..12]}"))}"));
         return new TinyRecipeResult(sha, finals, scale, wall.Elapsed.TotalSeconds, recipePath);
+    }
+
+    /// <summary>Learning-rate factor of step <paramref name="step"/> (1-based) of <paramref name="steps"/>: 1, then a
+    /// linear fall over the last <paramref name="fraction"/> of the steps to 1/n of the rate at the last step.</summary>
+    public static double DecayFactor(int step, int steps, double fraction)
+    {
+        int n = (int)Math.Round(steps * Math.Clamp(fraction, 0, 1));
+        int first = steps - n + 1;                                   // the first decaying step
+        return n == 0 || step < first ? 1.0 : (double)(steps - step + 1) / (n + 1);
+    }
+
+    static void SetLearningRate(optim.Optimizer opt, double lr)
+    {
+        foreach (var g in opt.ParamGroups) g.LearningRate = lr;
     }
 
     /// <summary>Seed of the stage-2 draws (shared by the recipe's IRControlNet and the variants).</summary>
@@ -505,9 +574,10 @@ public static class TinyRecipe
             {
                 ["family"] = "DiffBIR.Lab.Data.ProceduralImages (docs/tiny-preset.md)",
                 ["images"] = o.Images, ["indices"] = $"0..{o.Images - 1}", ["size"] = o.ImageSize,
-                ["degradation"] = "Eq. 2 (FirstOrderDegradation) with TinyTrainingData.Degradation: blur σ∈[0.1,3] 21 taps, r∈[1,4], δ∈[0,10], q∈[50,100]",
+                ["degradation"] = "Eq. 2 (FirstOrderDegradation) with TinyTrainingData.Degradation: blur σ∈[0.1,3] 21 taps, r∈[1,4], δ∈[0,15], q∈[30,100]",
             },
             ["stages"] = new JsonObject { ["vae"] = Stage(o.Vae), ["prior"] = Stage(o.Prior), ["stage1"] = Stage(o.Stage1), ["stage2"] = Stage(o.Stage2) },
+            ["learning_rate_decay"] = $"vae and stage1: constant, then linear to 0 over the last {o.DecayFraction:0.##} of their steps; prior and stage2 constant",
             ["final_losses"] = Nums(finals),
             ["held_out"] = heldOut,
             ["seconds"] = Nums(seconds),

@@ -28,6 +28,14 @@ public sealed record VaeDdConfig
     /// <c>norm_num_groups</c>). Only the tiny VAE changes it: with 32 channels, 32 groups normalise each channel alone,
     /// so the decoder's last norm erases every per-channel offset (the image's colours) and the network cannot learn.</summary>
     public int NormGroups { get; init; } = 32;
+    /// <summary>Whether the encoder and the decoder have their last GroupNorm (<c>norm_out</c>, before swish and
+    /// <c>conv_out</c>). Official: always. It is the only normalisation on the main path of either network (every other
+    /// norm sits on a residual branch), and it removes each group's mean and scale over the whole image: the decoder
+    /// must then carry an image's colours as patterns across the channels of a group. SD's VAE learns that over
+    /// hundreds of thousands of steps; the tiny VAE trained for minutes does not (its round trips came out grey), so the
+    /// tiny config sets <c>"norm_out": false</c> — swish and conv_out then follow the last block directly, and the
+    /// state dict has no <c>norm_out</c> keys.</summary>
+    public bool NormOut { get; init; } = true;
 
     public static VaeDdConfig FromJson(JsonNode n) => new()
     {
@@ -42,6 +50,7 @@ public sealed record VaeDdConfig
         AttnResolutions = n["attn_resolutions"]?.AsArray().Select(x => (int)x!).ToArray() ?? Array.Empty<int>(),
         Dropout = (double?)n["dropout"] ?? 0.0,
         NormGroups = (int?)n["norm_num_groups"] ?? 32,
+        NormOut = (bool?)n["norm_out"] ?? true,
     };
 }
 
@@ -275,7 +284,7 @@ public sealed class VaeEncoder : nn.Module<Tensor, Tensor>
     readonly Conv2d conv_in;
     readonly ModuleList<VaeLevel> down;
     readonly VaeMiddle mid;
-    readonly GroupNorm norm_out;
+    readonly GroupNorm? norm_out;
     readonly Conv2d conv_out;
 
     public VaeEncoder(VaeDdConfig c) : base(nameof(VaeEncoder))
@@ -301,7 +310,7 @@ public sealed class VaeEncoder : nn.Module<Tensor, Tensor>
         }
         down = new ModuleList<VaeLevel>(levels.ToArray());
         mid = new VaeMiddle(blockIn, c.NormGroups);
-        norm_out = VaeOps.Normalize(blockIn, c.NormGroups);
+        norm_out = c.NormOut ? VaeOps.Normalize(blockIn, c.NormGroups) : null;
         conv_out = nn.Conv2d(blockIn, c.DoubleZ ? 2L * c.ZChannels : c.ZChannels, 3, stride: 1, padding: 1);
         RegisterComponents();
     }
@@ -317,7 +326,7 @@ public sealed class VaeEncoder : nn.Module<Tensor, Tensor>
             if (level.downsample is not null) h = VaeOps.Advance(h, level.downsample.forward(h), x);
         }
         h = VaeOps.Advance(h, mid.forward(h), x);
-        h = VaeOps.Advance(h, VaeOps.SwishOwned(norm_out.forward(h)), x);
+        h = norm_out is null ? VaeOps.Advance(h, VaeOps.Swish(h), x) : VaeOps.Advance(h, VaeOps.SwishOwned(norm_out.forward(h)), x);
         return conv_out.Run(h).MoveToOuterDisposeScope();
     }
 }
@@ -329,7 +338,7 @@ public sealed class VaeDecoder : nn.Module<Tensor, Tensor>
     readonly VaeMiddle mid;
     /// <summary>Indexed by level (up.0 = full resolution), although the forward pass walks it in reverse.</summary>
     readonly ModuleList<VaeLevel> up;
-    readonly GroupNorm norm_out;
+    readonly GroupNorm? norm_out;
     readonly Conv2d conv_out;
 
     public VaeDecoder(VaeDdConfig c) : base(nameof(VaeDecoder))
@@ -356,7 +365,7 @@ public sealed class VaeDecoder : nn.Module<Tensor, Tensor>
             levels[level] = new VaeLevel(blocks, attns, null, us);
         }
         up = new ModuleList<VaeLevel>(levels);
-        norm_out = VaeOps.Normalize(blockIn, c.NormGroups);
+        norm_out = c.NormOut ? VaeOps.Normalize(blockIn, c.NormGroups) : null;
         conv_out = nn.Conv2d(blockIn, c.OutCh, 3, stride: 1, padding: 1);
         RegisterComponents();
     }
@@ -373,7 +382,7 @@ public sealed class VaeDecoder : nn.Module<Tensor, Tensor>
             h = VaeOps.Advance(h, up[level].Blocks(h), z);
             if (up[level].upsample is not null) h = VaeOps.Advance(h, up[level].upsample!.forward(h), z);
         }
-        h = VaeOps.Advance(h, VaeOps.SwishOwned(norm_out.forward(h)), z);
+        h = norm_out is null ? VaeOps.Advance(h, VaeOps.Swish(h), z) : VaeOps.Advance(h, VaeOps.SwishOwned(norm_out.forward(h)), z);
         return conv_out.Run(h).MoveToOuterDisposeScope();
     }
 }

@@ -36,6 +36,7 @@ public sealed class TiledVae
     readonly int _numResolutions, _numResBlocks;
     /// <summary>GroupNorm groups of the VAE (32 except for the tiny one).</summary>
     readonly int _groups;
+    readonly bool _normOut;
 
     /// <summary>Tile side: pixels for the encoder, latent pixels for the decoder (official <c>tile_size</c>).</summary>
     public int TileSize { get; }
@@ -53,6 +54,7 @@ public sealed class TiledVae
         _numResolutions = vae.Config.DdConfig.ChMult.Length;
         _numResBlocks = vae.Config.DdConfig.NumResBlocks;
         _groups = vae.Config.DdConfig.NormGroups;
+        _normOut = vae.Config.DdConfig.NormOut;
         if (vae.Config.DdConfig.AttnResolutions.Length > 0)
             throw new NotSupportedException("tiled VAE: the official task queue has no per-level attention (attn_resolutions must be empty, as in SD)");
     }
@@ -120,7 +122,7 @@ public sealed class TiledVae
             }
             ResBlock(q, "mid.block_1"); AttnBlock(q, "mid.attn_1"); ResBlock(q, "mid.block_2");
         }
-        q.Add(new TaskItem { Kind = Kind.PreNorm, Norm = M<GroupNorm>("norm_out") });
+        if (_normOut) q.Add(new TaskItem { Kind = Kind.PreNorm, Norm = M<GroupNorm>("norm_out") });
         q.Add(new TaskItem { Kind = Kind.Silu });
         q.Add(new TaskItem { Kind = Kind.Conv, Fn = Call("conv_out") });
         return q;
