@@ -78,9 +78,10 @@ let private heldOut (k: int64) =
 let private psnr (a: torch.Tensor) (b: torch.Tensor) = ImageMetrics.Psnr(a, b).mean().item<float>()
 
 [<Fact>]
-/// Measured with the committed weights: 15.1 dB trained (mean of 8 held-out images; 8×8 block means would give 24.5)
-/// vs 10.0 dB random. The VAE is still under-trained (docs/tiny-preset.md); the bounds only separate trained from random.
-let ``the committed tiny weights match recipe.json, load as a trained model, and their VAE reconstructs unseen images better than random weights`` () =
+/// Measured with the committed weights (2026-12-01 evening): held-out 0 and 1 give 22.23 / 28.99 dB trained, 22.04 /
+/// 25.95 dB as 8×8 block means (the codec the recipe starts the VAE from), 9.96 / 9.19 dB random. The weights before
+/// the block-mean start gave 15.1 dB on average, below the block means: this test would have failed them.
+let ``the committed tiny weights match recipe.json, load as a trained model, and their VAE beats the 8x8 block means it starts from on unseen images`` () =
     withThreads 1 <| fun () ->
         use trained = Presets.Build("tiny", "sr", "no-weights-needed", BuildOptions(Upscale = 1.0))
         trained.Pipeline.NotATrainedModel |> should be False
@@ -93,14 +94,18 @@ let ``the committed tiny weights match recipe.json, load as a trained model, and
             let hq, _ = heldOut k
             let pt = psnr (roundTrip trained.Pipeline.Cldm hq) hq
             let pr = psnr (roundTrip random.Pipeline.Cldm hq) hq
-            printfn "held-out %d: VAE round trip PSNR trained %.2f dB, random %.2f dB" k pt pr
-            Assert.True(pt > 11.0, sprintf "trained VAE round trip %.2f dB (random %.2f dB)" pt pr)
+            // The 8×8 block-mean codec the recipe starts the VAE from, computed here with torch's pooling.
+            use means = torch.nn.functional.avg_pool2d(hq, 8L)
+            use blocks = torch.nn.functional.interpolate(means, scale_factor = [| 8.0; 8.0 |], mode = torch.InterpolationMode.Nearest)
+            let pb = psnr blocks hq
+            printfn "held-out %d: VAE round trip PSNR trained %.2f dB, random %.2f dB, 8x8 block means %.2f dB" k pt pr pb
+            Assert.True(pt > pb, sprintf "trained VAE round trip %.2f dB is not above the 8x8 block means' %.2f dB (random %.2f dB)" pt pb pr)
             Assert.True(pr < 10.5, sprintf "random VAE round trip %.2f dB (trained %.2f dB)" pr pt)
 
 [<Fact>]
-/// The committed weights (10 DDIM steps, 8 images): −3.6 dB vs the LQ input trained; random weights lose over 10 dB.
+/// The committed weights (4 DDIM steps, held-out 0 and 1): −2.82 dB vs the LQ input trained, −12.75 dB random.
 /// The trained tiny pipeline does NOT yet beat the degraded input (docs/tiny-preset.md); this checks it is far from random.
-let ``the trained tiny pipeline stays within 4.5 dB of the degraded input on unseen Eq. 2 images, random weights lose over 8 dB`` () =
+let ``the trained tiny pipeline stays within 3.5 dB of the degraded input on unseen Eq. 2 images, random weights lose over 8 dB`` () =
     withThreads 1 <| fun () ->
         use trained = Presets.Build("tiny", "sr", "no-weights-needed", BuildOptions(Upscale = 1.0))
         use random = Presets.Build("tiny-random", "sr", "no-weights-needed", BuildOptions(Upscale = 1.0))
@@ -115,7 +120,7 @@ let ``the trained tiny pipeline stays within 4.5 dB of the degraded input on uns
             gain <- gain + (psnr (restore trained lq) hq - base') / 2.0
             gainRandom <- gainRandom + (psnr (restore random lq) hq - base') / 2.0
         printfn "PSNR gain over the LQ input: trained %.2f dB, random %.2f dB" gain gainRandom
-        Assert.True(gain > -4.5, sprintf "trained gain %.2f dB, random %.2f dB" gain gainRandom)
+        Assert.True(gain > -3.5, sprintf "trained gain %.2f dB, random %.2f dB" gain gainRandom)
         Assert.True(gainRandom < -8.0, sprintf "random gain %.2f dB, trained %.2f dB" gainRandom gain)
 
 [<Fact>]

@@ -39,7 +39,7 @@ public sealed record TinyRecipeOptions
     /// <summary>Whole 128-px images (16×16 latents, the inference size) for the attention of the prior and the ControlNet.</summary>
     public TinyStage Prior { get; init; } = new(600, 4, 128, 1e-3);
     public TinyStage Stage1 { get; init; } = new(1500, 4, 64, 1e-3);
-    public TinyStage Stage2 { get; init; } = new(400, 2, 128, 5e-4);
+    public TinyStage Stage2 { get; init; } = new(1000, 2, 128, 1e-3);
     /// <summary>The VAE's and stage 1's learning rate falls linearly to zero over this last fraction of their steps
     /// (constant before): both hover at a constant rate, and the decay settles them (0: constant throughout).</summary>
     public double DecayFraction { get; init; } = 0.3;
