@@ -189,3 +189,22 @@ let ``gradients flow from the decoded image back to the latent (needed by RGB-sp
     g.shape |> should equal z.shape
     g.isfinite().all().item<bool>() |> should be True
     g.abs().max().item<float32>() |> should be (greaterThan 0.0f)
+
+[<Fact>]
+/// Large images give the VAE's middle attention contiguous tokens (libtorch's CPU flash kernel, O(tokens) memory,
+/// instead of the math path's tokens² scores: 26.8 GB for a 2560×2048 image). The switch must not change values beyond
+/// rounding; the threshold is lowered on this thread only, so the same small input runs both paths.
+let ``VAE attention: the contiguous large-image path equals the default path to rounding, and small inputs keep the default`` () =
+    use block = new AttnBlock(32L, 8)
+    DiffBIR.Lab.Training.TinyRecipe.InitFromScratch(block, 21L)
+    use _ = torch.no_grad ()
+    use x = torch.randn([| 2L; 32L; 12L; 10L |], generator = new torch.Generator(22UL))
+    AttnBlock.FlashAboveScoreElements |> should equal (1L <<< 27)
+    use byDefault = block.forward x
+    let before = AttnBlock.FlashAboveScoreElements
+    AttnBlock.FlashAboveScoreElements <- 0L
+    try
+        use contiguous = block.forward x
+        maxAbsDiff contiguous byDefault |> should be (lessThan 1e-5)
+        maxAbsDiff contiguous x |> should be (greaterThan 1e-3)   // the attention did something
+    finally AttnBlock.FlashAboveScoreElements <- before

@@ -163,6 +163,11 @@ public sealed class AttnBlock : nn.Module<Tensor, Tensor>
     readonly GroupNorm norm;
     readonly Conv2d q, k, v, proj_out;
 
+    /// <summary>Score-matrix size (batch × tokens²) above which the attention's tokens are made contiguous (see
+    /// forward): 2²⁷ elements = 512 MiB of float32 scores, reached at about 1450² px. Per thread, for tests.</summary>
+    [ThreadStatic] static long? _flashAbove;
+    public static long FlashAboveScoreElements { get => _flashAbove ?? (1L << 27); set => _flashAbove = value; }
+
     public AttnBlock(long channels, int groups = 32) : base(nameof(AttnBlock))
     {
         norm = VaeOps.Normalize(channels, groups);
@@ -178,8 +183,13 @@ public sealed class AttnBlock : nn.Module<Tensor, Tensor>
         using var scope = torch.NewDisposeScope();
         var h = norm.forward(x);
         long b = x.shape[0], c = x.shape[1], hh = x.shape[2], ww = x.shape[3];
-        // b c h w -> b 1 (h w) c : one head whose width is the channel count.
-        Tensor Tokens(Tensor t) => t.reshape(b, 1, c, hh * ww).transpose(2, 3);
+        // b c h w -> b 1 (h w) c : one head whose width is the channel count. As a transposed view libtorch's CPU
+        // kernel choice falls to the math path, which builds the whole (h w)² score matrix: 26.8 GB for the latent of a
+        // 2560×2048 image. Above FlashAboveScoreElements scores the tokens are made contiguous, which lets the CPU
+        // flash kernel run in O(h w) memory (same values up to rounding); below it the path is unchanged, so every
+        // fixture-sized and 512² result, and the trained tiny weights' reproduction, stay bit-identical.
+        bool contiguous = b * hh * ww * hh * ww > FlashAboveScoreElements;
+        Tensor Tokens(Tensor t) { var r = t.reshape(b, 1, c, hh * ww).transpose(2, 3); return contiguous ? r.contiguous() : r; }
         var o = nn.functional.scaled_dot_product_attention(Tokens(q.Run(h)), Tokens(k.Run(h)), Tokens(v.Run(h)));
         o = o.transpose(2, 3).reshape(b, c, hh, ww);
         return (x + proj_out.Run(o)).MoveToOuterDisposeScope();
