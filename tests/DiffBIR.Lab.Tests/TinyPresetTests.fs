@@ -124,6 +124,21 @@ let ``the trained tiny pipeline stays within 3.5 dB of the degraded input on uns
         Assert.True(gainRandom < -8.0, sprintf "random gain %.2f dB, trained %.2f dB" gainRandom gain)
 
 [<Fact>]
+let ``a damaged tiny recipe.json (bad JSON, or a wrong type in the recorded architecture) is refused naming the file and the part`` () =
+    use dir = new TempDir()
+    let src = Presets.FindTinyWeights()
+    for f in Directory.GetFiles src do File.Copy(f, dir.File(Path.GetFileName f))
+    let recipe = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(dir.File "recipe.json"))
+    recipe.["model"].["cldm"].["vae_cfg"].["ddconfig"].["norm_out"] <- Text.Json.Nodes.JsonValue.Create("yes")
+    File.WriteAllText(dir.File "recipe.json", recipe.ToJsonString())
+    let build () = Presets.Build(Presets.Tiny, RestorationTask.Sr, "x", BuildOptions(TinyWeightsDir = dir.Path)) |> ignore
+    let ex = Assert.Throws<CheckpointException>(build)
+    ex.Message |> should haveSubstring "recipe.json"
+    ex.Message |> should haveSubstring "model.cldm"
+    File.WriteAllText(dir.File "recipe.json", "{bad")
+    (Assert.Throws<CheckpointException>(build)).Message |> should haveSubstring "not valid JSON"
+
+[<Fact>]
 let ``a damaged tiny weight file is refused with its name and both SHA-256 values`` () =
     use dir = new TempDir()
     let src = Presets.FindTinyWeights()

@@ -1,3 +1,4 @@
+using System.Text.Json;
 using System.Text.Json.Nodes;
 using DiffBIR.Lab.Checkpoints;
 using DiffBIR.Lab.Diffusion;
@@ -404,7 +405,15 @@ public static class Presets
     {
         var dir = FindTinyWeights(o.TinyWeightsDir);
         var recipePath = Path.Combine(dir, Training.TinyRecipe.RecipeFile);
-        var recipe = JsonNode.Parse(File.ReadAllText(recipePath)) ?? throw new CheckpointException(recipePath, "empty recipe");
+        // A damaged recipe.json (bad JSON, a wrong type or value in the recorded architecture) is named as such, not
+        // left to surface as an internal error from the config readers.
+        T FromRecipe<T>(string part, Func<T> read)
+        {
+            try { return read(); }
+            catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException or ArgumentException or NullReferenceException)
+            { throw new CheckpointException(recipePath, $"{part}: {e.Message}"); }
+        }
+        var recipe = FromRecipe("not valid JSON", () => JsonNode.Parse(File.ReadAllText(recipePath))) ?? throw new CheckpointException(recipePath, "empty recipe");
         var missing = Training.TinyRecipe.WeightFiles.Where(f => !File.Exists(Path.Combine(dir, f))).ToList();
         if (missing.Count > 0) throw new MissingWeightsException(dir, "tiny", missing, "tiny (regenerate with scripts/train-tiny.sh)");
         foreach (var f in Training.TinyRecipe.WeightFiles)
@@ -415,9 +424,9 @@ public static class Presets
                 throw new CheckpointException(Path.Combine(dir, f), $"SHA-256 {actual} differs from {expected} in {Training.TinyRecipe.RecipeFile}; " +
                     "the file is damaged or from another run: restore it from git or regenerate all with scripts/train-tiny.sh");
         }
-        double scale = (double?)recipe["model"]?["latent_scale_factor"] ?? throw new CheckpointException(recipePath, "no model.latent_scale_factor");
+        double scale = FromRecipe("model.latent_scale_factor", () => (double?)recipe["model"]?["latent_scale_factor"]) ?? throw new CheckpointException(recipePath, "no model.latent_scale_factor");
         // The architecture recorded with the weights (recipes before it was read from there have the same one as the code).
-        var cldm = Training.TinyRecipe.NewCldm(scale, o.TinyControlNet?.Mode ?? Models.StableDiffusion.ControlMode.Add, recipe["model"]?["cldm"]);
+        var cldm = FromRecipe("model.cldm", () => Training.TinyRecipe.NewCldm(scale, o.TinyControlNet?.Mode ?? Models.StableDiffusion.ControlMode.Add, recipe["model"]?["cldm"]));
         void Load(nn.Module m, string file)
         {
             using var sd = Checkpoint.Load(Path.Combine(dir, file));
@@ -428,7 +437,7 @@ public static class Presets
         Load(cldm.controlnet, o.TinyControlNet?.File ?? "controlnet.safetensors");
         cldm.eval();
         // Recipes from before recipe.json recorded the stage-1 config and the schedule used SwinIR ×8 and v2.
-        var stage1Config = recipe["model"]?["stage1_config"] is JsonNode sc ? Models.Stage1.SwinIRConfig.FromJson(sc) : Training.TinyRecipe.Stage1Config;
+        var stage1Config = recipe["model"]?["stage1_config"] is JsonNode sc ? FromRecipe("model.stage1_config", () => Models.Stage1.SwinIRConfig.FromJson(sc)) : Training.TinyRecipe.Stage1Config;
         var schedule = (string?)recipe["model"]?["schedule"] == "v2.1" ? Diffusion.NoiseSchedule.V2_1 : Diffusion.NoiseSchedule.V2;
         var cleaner = new SwinIRCleaner(new SwinIR(stage1Config)) { ConditionShortEdge = TinyConditionShortEdge };
         Load(cleaner.Network, "stage1.safetensors");
