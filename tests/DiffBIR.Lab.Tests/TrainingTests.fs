@@ -178,6 +178,50 @@ let ``stage 2: only the ControlNet learns, and its checkpoint has the official k
     let moved = cldm.controlnet.state_dict() |> Seq.exists (fun kv -> (kv.Value - fx.Weights("controlnet").[kv.Key]).abs().max().item<float32>() > 0.0f)
     moved |> should be True
 
+[<Fact>]
+let ``stage 2 on precomputed latents (the tiny recipe's step) equals the official step: same loss, same updated ControlNet`` () =
+    use fx = Fixture.Load(fixture stage2V)
+    let cfg = fx.Config
+    let tok = DiffBIR.Lab.Models.Clip.ClipTokenizer(fixture "bpe_simple_vocab_16e6.txt.gz")
+    let make () =
+        let cldm = new DiffBIR.Lab.Models.ControlLDM(DiffBIR.Lab.Models.ControlLdmConfig.FromJson cfg.["cldm"], tok)
+        cldm.LoadComponents((fun name -> fx.Weights name :> Collections.Generic.IReadOnlyDictionary<_, _>), fx.Path)
+        cldm
+    use official = make ()
+    use cached = make ()
+    use swin = new SwinIR(SwinIRConfig.FromJson cfg.["swinir"])
+    StateDictLoader.Load(swin, fx.Weights "swinir", true, "swinir") |> ignore
+    let schedule = DiffBIR.Lab.Diffusion.NoiseSchedule.V2_1
+    let gt, lq = fx.In "gt", fx.In "lq"
+    let prompts = [| "a photo" |]
+    use draws1 = new SeededTrainingDraws(11L)
+    let opt1 = Stage2Trainer.CreateOptimizer(official, 1e-3)
+    use r = Stage2Trainer.Step(official, swin, schedule, 0, gt, lq, prompts, opt1, draws1)
+    // the same three inputs computed outside, with the same draws in the same order (posterior noise, t, noise)
+    use draws2 = new SeededTrainingDraws(11L)
+    Stage2Trainer.Prepare cached
+    let opt2 = Stage2Trainer.CreateOptimizer(cached, 1e-3)
+    use loss =
+        use _ = torch.no_grad ()
+        use g = gt.permute(0L, 3L, 1L, 2L).contiguous()
+        use l = lq.permute(0L, 3L, 1L, 2L).contiguous()
+        use post = cached.vae.Encode g
+        use eps = draws2.Randn(post.Mean.shape, torch.ScalarType.Float32, torch.CPU, "posterior_noise")
+        use z0 = post.Sample(eps) * cached.Config.LatentScaleFactor
+        use clean = swin.forward l
+        let cond = cached.PrepareCondition(clean, prompts)
+        use _ = torch.enable_grad ()
+        Stage2Trainer.StepOnLatents(cached, schedule, z0, cond.CImage, cond.CText, opt2, draws2)
+    loss.item<float32>() |> should equal (r.Loss.item<float32>())
+    let after = cached.controlnet.state_dict()
+    for kv in official.controlnet.state_dict() do
+        (kv.Value - after.[kv.Key]).abs().max().item<float32>() |> should equal 0.0f
+    // and the step did move it
+    official.controlnet.state_dict() |> Seq.exists (fun kv -> (kv.Value - fx.Weights("controlnet").[kv.Key]).abs().max().item<float32>() > 0.0f)
+    |> should be True
+    (fun () -> Stage2Trainer.StepOnLatents(cached, schedule, torch.zeros(2L, 4L, 8L, 8L), torch.zeros(1L, 4L, 8L, 8L), torch.zeros(2L, 77L, 32L), opt2, draws2) |> ignore)
+    |> should throw typeof<ArgumentException>
+
 // ---- second-order degradation (RealESRGANBatchTransform) ----
 
 let private degradation2 = "training/degradation_second_order.safetensors"

@@ -127,13 +127,42 @@ public static class Stage2Trainer
                 cImgAug = schedule.QSample(cImg, tAug, nAug);
             }
         }
-        var t = draws.RandInt(schedule.Timesteps, new[] { b }, device, "t");
-        // p_losses
+        var (loss, t, xNoisy, output, target) = PLosses(cldm, schedule, z0, cTxt, cImgAug, draws);
+        return new Stage2StepResult(loss, z0, clean, cTxt, cImg, cImgAug, t, xNoisy, output, target);
+    }
+
+    /// <summary>Official <c>p_losses</c> of the ControlLDM: t ~ U{0…T−1}, then the noise, x_t, the model's ε or v and the
+    /// mean squared error to its target (draws in the official order: t, then the noise).</summary>
+    static (Tensor Loss, Tensor T, Tensor XNoisy, Tensor Output, Tensor Target) PLosses(ControlLDM cldm, NoiseSchedule schedule, Tensor z0,
+        Tensor cTxt, Tensor cImg, ITrainingDraws draws)
+    {
+        var device = z0.device;
+        var t = draws.RandInt(schedule.Timesteps, new[] { z0.shape[0] }, device, "t");
         var noise = draws.Randn(z0.shape, z0.dtype, device, "p_losses_noise");
         var xNoisy = schedule.QSample(z0, t, noise);
-        var output = cldm.Forward(xNoisy, t, new Conditioning(cTxt, cImgAug));
+        var output = cldm.Forward(xNoisy, t, new Conditioning(cTxt, cImg));
         var target = schedule.Parameterization == Parameterization.Eps ? noise : schedule.Velocity(z0, t, noise);
         var loss = nn.functional.mse_loss(target, output, nn.Reduction.None).mean();
-        return new Stage2StepResult(loss, z0, clean, cTxt, cImg, cImgAug, t, xNoisy, output, target);
+        return (loss, t, xNoisy, output, target);
+    }
+
+    /// <summary>
+    /// One training step of the ControlNet on latents computed beforehand: <paramref name="z0"/> (the scaled posterior
+    /// sample of the HQ image), <paramref name="cImg"/> (the condition latent of the stage-1 output) and
+    /// <paramref name="cTxt"/>. The same <c>p_losses</c>, backward and optimizer step as <see cref="Step"/>, which computes
+    /// these three with the frozen VAE, stage 1 and CLIP at every step; with frozen networks and no noise augmentation
+    /// they can be computed once per image (the tiny recipe does). Returns the loss (detached).
+    /// </summary>
+    public static Tensor StepOnLatents(ControlLDM cldm, NoiseSchedule schedule, Tensor z0, Tensor cImg, Tensor cTxt, optim.Optimizer optimizer,
+        ITrainingDraws draws)
+    {
+        if (z0.dim() != 4 || cImg.dim() != 4 || z0.shape[0] != cImg.shape[0] || cTxt.shape[0] != z0.shape[0])
+            throw new ArgumentException($"stage-2 latents: z0 [{string.Join(",", z0.shape)}], c_img [{string.Join(",", cImg.shape)}] and c_txt [{string.Join(",", cTxt.shape)}] must be batches of the same size");
+        using var scope = NewDisposeScope();
+        var (loss, _, _, _, _) = PLosses(cldm, schedule, z0, cTxt, cImg, draws);
+        optimizer.zero_grad();
+        loss.backward();
+        optimizer.step();
+        return loss.detach().MoveToOuterDisposeScope();
     }
 }
