@@ -64,6 +64,8 @@ public static class TinyVariants
         var s2 = recipe["stages"]!["stage2"]!;
         var recipeStage = new TinyStage((int)s2["steps"]!, (int)s2["batch"]!, (int)s2["crop"]!, (double)s2["learning_rate"]!);
         var stage = o.Stage2 ?? recipeStage;
+        // The recipe's learning-rate decay (recipes before it was recorded kept stage 2 at a constant rate).
+        double decay = (double?)recipe["decay_fraction"] ?? 0.0;
         var stage1Config = recipe["model"]!["stage1_config"] is JsonNode sc ? SwinIRConfig.FromJson(sc) : TinyRecipe.Stage1Config;
         Directory.CreateDirectory(outDir);
 
@@ -94,7 +96,7 @@ public static class TinyVariants
                 // Same batches and draws for every variant: the comparison differs only by the architecture.
                 data.RestartSampler();
                 using var draws = new SeededTrainingDraws(TinyRecipe.Stage2DrawsSeed(seed));
-                loss = TinyRecipe.TrainControlNet(cldm, stage1, TinyRecipe.ScheduleOf(scheduleName), data, draws, stage, Math.Max(1, stage.Steps / 4), variant, log, ct);
+                loss = TinyRecipe.TrainControlNet(cldm, stage1, TinyRecipe.ScheduleOf(scheduleName), data, draws, stage, decay, Math.Max(1, stage.Steps / 4), variant, log, ct);
                 TinyRecipe.SaveFloat16(cldm.controlnet, file, new Dictionary<string, string>
                 {
                     ["producer"] = "DiffBIR.Lab tiny variants", ["variant"] = variant, [TrainingCheckpoint.ControlModeKey] = variant,
