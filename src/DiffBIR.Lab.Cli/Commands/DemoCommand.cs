@@ -89,7 +89,7 @@ public sealed class DemoCommand : Command<DemoSettings>
             }
             var spec = DiffBIR.Lab.Sweeps.SweepSpec.On(lqPath, hqPath).WithPreset("tiny", "sr", 4)
                 .Fixed("steps", 4).Fixed("guidance", "wmse").Fixed("seed", 231)
-                .Grid("g_scale", 0.0, 0.01, 0.03).Grid("g_patch", 1, 4)
+                .Grid("g_scale", 0.0, 0.1, 1.0).Grid("g_patch", 1, 4)
                 .WithMetrics(DiffBIR.Lab.Metrics.Metric.NiqeLabName);
             AnsiConsole.MarkupLine("\nsweep: trained tiny preset, guidance scale × patch size on a held-out procedural image:");
             using var tiny = DiffBIR.Lab.Pipeline.Presets.Build("tiny", "sr", s.Weights);
