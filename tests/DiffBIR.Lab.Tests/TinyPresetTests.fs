@@ -103,9 +103,10 @@ let ``the committed tiny weights match recipe.json, load as a trained model, and
             Assert.True(pr < 10.5, sprintf "random VAE round trip %.2f dB (trained %.2f dB)" pr pt)
 
 [<Fact>]
-/// The committed weights (4 DDIM steps, held-out 0 and 1): −2.82 dB vs the LQ input trained, −12.75 dB random.
-/// The trained tiny pipeline does NOT yet beat the degraded input (docs/tiny-preset.md); this checks it is far from random.
-let ``the trained tiny pipeline stays within 3.5 dB of the degraded input on unseen Eq. 2 images, random weights lose over 8 dB`` () =
+/// The committed weights (4 DDIM steps, held-out 0 and 1): −0.59 dB vs the LQ input trained (the weights before
+/// 2026-12-01 night: −2.82 dB), −12.75 dB random. At s = 0 the trained tiny pipeline does NOT beat the degraded input
+/// (docs/tiny-preset.md); with guidance it does (next test).
+let ``the trained tiny pipeline stays within 1.5 dB of the degraded input on unseen Eq. 2 images, random weights lose over 8 dB`` () =
     withThreads 1 <| fun () ->
         use trained = Presets.Build("tiny", "sr", "no-weights-needed", BuildOptions(Upscale = 1.0))
         use random = Presets.Build("tiny-random", "sr", "no-weights-needed", BuildOptions(Upscale = 1.0))
@@ -120,8 +121,35 @@ let ``the trained tiny pipeline stays within 3.5 dB of the degraded input on uns
             gain <- gain + (psnr (restore trained lq) hq - base') / 2.0
             gainRandom <- gainRandom + (psnr (restore random lq) hq - base') / 2.0
         printfn "PSNR gain over the LQ input: trained %.2f dB, random %.2f dB" gain gainRandom
-        Assert.True(gain > -3.5, sprintf "trained gain %.2f dB, random %.2f dB" gain gainRandom)
+        Assert.True(gain > -1.5, sprintf "trained gain %.2f dB, random %.2f dB" gain gainRandom)
         Assert.True(gainRandom < -8.0, sprintf "random gain %.2f dB, trained %.2f dB" gainRandom gain)
+
+[<Fact>]
+/// The acceptance measurement of docs/tiny-preset.md (held-out 0–7, DDIM 10, seed 231): LQ 23.47, bicubic 23.47,
+/// stage 2 at s = 0 22.30, at s = 1 23.68 dB. Guidance is the lab's fidelity knob; at s = 0 stage 2 is still below
+/// the LQ (the weights before 2026-12-01 night: 19.04 dB at s = 0, 23.67 dB at s = 1 — guidance alone carried them).
+let ``with restoration guidance at s = 1 the trained tiny pipeline beats the degraded input and bicubic on unseen Eq. 2 images`` () =
+    withThreads 1 <| fun () ->
+        use trained = Presets.Build("tiny", "sr", "no-weights-needed", BuildOptions(Upscale = 1.0))
+        let restore (lq: torch.Tensor) (s: float) =
+            let g = if s > 0.0 then DiffBIR.Lab.Guidance.MseGuidance(Scale = s) :> DiffBIR.Lab.Guidance.RestorationGuidance else null
+            use r = trained.Restore(ImageIO.ToUInt8(lq, Quantization.Round), PipelineOptions(Steps = 10, Sampler = "ddim", PosPrompt = "", NegPrompt = "", CfgScale = 1.0, Seed = 231L, Guidance = g))
+            ImageIO.FromUInt8 r.Image
+        let mutable lqP, bicP, s0, s1 = 0.0, 0.0, 0.0, 0.0
+        for k in 0L .. 7L do
+            use _ = torch.NewDisposeScope()
+            let index = TinyTrainingData.HeldOutStart + k
+            let hq = ProceduralImages.Generate(2026L, index, 128).unsqueeze 0L
+            let struct (lq, sh, sw) = TinyTrainingData.DegradeWithSize(hq.squeeze 0L, 2026L, index)
+            let lq = ImageIO.FromUInt8(ImageIO.ToUInt8(lq.unsqueeze 0L, Quantization.Round))
+            use bic = ImageOps.ResizeBicubic(DiffBIR.Lab.Degradation.FirstOrderDegradation.ResizeBilinear(lq, sh, sw), 128, 128).clamp(torch.tensor 0.0f, torch.tensor 1.0f)
+            lqP <- lqP + psnr lq hq / 8.0
+            bicP <- bicP + psnr bic hq / 8.0
+            s0 <- s0 + psnr (restore lq 0.0) hq / 8.0
+            s1 <- s1 + psnr (restore lq 1.0) hq / 8.0
+        printfn "PSNR: LQ %.2f, bicubic %.2f, pipeline s = 0 %.2f, s = 1 %.2f dB" lqP bicP s0 s1
+        Assert.True(s1 > lqP && s1 > bicP, sprintf "guided pipeline %.2f dB vs LQ %.2f / bicubic %.2f dB" s1 lqP bicP)
+        Assert.True(s1 > s0 + 1.0, sprintf "guidance moved PSNR %.2f → %.2f dB only" s0 s1)
 
 [<Fact>]
 let ``a damaged tiny recipe.json (bad JSON, or a wrong type in the recorded architecture) is refused naming the file and the part`` () =
