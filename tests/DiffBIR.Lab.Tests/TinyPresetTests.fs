@@ -167,6 +167,27 @@ let ``a damaged tiny recipe.json (bad JSON, or a wrong type in the recorded arch
     (Assert.Throws<CheckpointException>(build)).Message |> should haveSubstring "not valid JSON"
 
 [<Fact>]
+let ``the variants read the committed recipe (stage 2 and its decay), and refuse a damaged one naming the file`` () =
+    use dir = new TempDir()
+    File.Copy(Path.Combine(Presets.FindTinyWeights(), "recipe.json"), dir.File "recipe.json")
+    let struct (_, seed, _, _, _, schedule, stage2, decay, _) = TinyVariants.ReadRecipe(dir.File "recipe.json")
+    seed |> should equal 2026L
+    schedule |> should equal "v2.1"
+    stage2 |> should equal (TinyRecipeOptions().Stage2)
+    decay |> should equal (TinyRecipeOptions().DecayFraction)
+    let recipe = Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(dir.File "recipe.json"))
+    recipe.["decay_fraction"] <- Text.Json.Nodes.JsonValue.Create("x")
+    File.WriteAllText(dir.File "recipe.json", recipe.ToJsonString())
+    let ex = Assert.Throws<CheckpointException>(fun () -> TinyVariants.ReadRecipe(dir.File "recipe.json") |> ignore)
+    ex.Message |> should haveSubstring (dir.File "recipe.json")
+    ex.Message |> should haveSubstring "damaged recipe"
+    recipe.["decay_fraction"] <- Text.Json.Nodes.JsonValue.Create(1.5)
+    File.WriteAllText(dir.File "recipe.json", recipe.ToJsonString())
+    (Assert.Throws<CheckpointException>(fun () -> TinyVariants.ReadRecipe(dir.File "recipe.json") |> ignore)).Message |> should haveSubstring "decay_fraction"
+    File.WriteAllText(dir.File "recipe.json", "{\"seed\": 1,")
+    Assert.Throws<CheckpointException>(fun () -> TinyVariants.ReadRecipe(dir.File "recipe.json") |> ignore) |> ignore
+
+[<Fact>]
 let ``a damaged tiny weight file is refused with its name and both SHA-256 values`` () =
     use dir = new TempDir()
     let src = Presets.FindTinyWeights()

@@ -100,9 +100,8 @@ public sealed class TrainTinyCommand : Command<TrainTinySettings>
         var output = s.Output ?? Path.Combine(Path.GetDirectoryName(Presets.FindManifest())!, "tiny");
         if (s.Variants is { } variants)
         {
-            var recipe = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(output, TinyRecipe.RecipeFile)))!;
-            var st = recipe["stages"]!["stage2"]!;
-            var stage = new TinyStage(s.VariantsSteps ?? (int)st["steps"]!, (int)st["batch"]!, (int)st["crop"]!, (double)st["learning_rate"]!);
+            var recipeStage = TinyVariants.ReadRecipe(Path.Combine(output, TinyRecipe.RecipeFile)).Stage2;
+            var stage = recipeStage with { Steps = s.VariantsSteps ?? recipeStage.Steps };
             var vo = new TinyVariantsOptions
             {
                 Variants = variants.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries), Stage2 = stage,

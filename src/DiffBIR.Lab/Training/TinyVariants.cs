@@ -56,17 +56,8 @@ public static class TinyVariants
         set_num_threads(o.Threads);
         var wall = Stopwatch.StartNew();
         var recipePath = Path.Combine(weightsDir, TinyRecipe.RecipeFile);
-        var recipe = JsonNode.Parse(File.ReadAllText(recipePath)) ?? throw new CheckpointException(recipePath, "empty recipe");
-        long seed = (long)recipe["seed"]!;
-        int images = (int)recipe["data"]!["images"]!, size = (int)recipe["data"]!["size"]!;
-        double scale = (double)recipe["model"]!["latent_scale_factor"]!;
-        string scheduleName = (string?)recipe["model"]!["schedule"] == "v2.1" ? "v2.1" : "v2";
-        var s2 = recipe["stages"]!["stage2"]!;
-        var recipeStage = new TinyStage((int)s2["steps"]!, (int)s2["batch"]!, (int)s2["crop"]!, (double)s2["learning_rate"]!);
+        var (recipe, seed, images, size, scale, scheduleName, recipeStage, decay, stage1Config) = ReadRecipe(recipePath);
         var stage = o.Stage2 ?? recipeStage;
-        // The recipe's learning-rate decay (recipes before it was recorded kept stage 2 at a constant rate).
-        double decay = (double?)recipe["decay_fraction"] ?? 0.0;
-        var stage1Config = recipe["model"]!["stage1_config"] is JsonNode sc ? SwinIRConfig.FromJson(sc) : TinyRecipe.Stage1Config;
         Directory.CreateDirectory(outDir);
 
         using var data = new TinyTrainingData(seed, images, size, log);
@@ -133,6 +124,33 @@ public static class TinyVariants
         };
         AtomicFile.WriteAllText(resultsJson, result.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
         return result;
+    }
+
+    /// <summary>What the variants need from a tiny recipe.json; a damaged file (bad JSON, a missing part, a wrong type)
+    /// is a <see cref="CheckpointException"/> naming it, not an internal error.</summary>
+    public static (JsonNode Recipe, long Seed, int Images, int Size, double Scale, string Schedule, TinyStage Stage2, double DecayFraction, SwinIRConfig Stage1)
+        ReadRecipe(string recipePath)
+    {
+        try
+        {
+            var recipe = JsonNode.Parse(File.ReadAllText(recipePath)) ?? throw new CheckpointException(recipePath, "empty recipe");
+            long seed = (long)recipe["seed"]!;
+            int images = (int)recipe["data"]!["images"]!, size = (int)recipe["data"]!["size"]!;
+            double scale = (double)recipe["model"]!["latent_scale_factor"]!;
+            string scheduleName = (string?)recipe["model"]!["schedule"] == "v2.1" ? "v2.1" : "v2";
+            var s2 = recipe["stages"]!["stage2"]!;
+            var stage = new TinyStage((int)s2["steps"]!, (int)s2["batch"]!, (int)s2["crop"]!, (double)s2["learning_rate"]!);
+            // The recipe's learning-rate decay (recipes before it was recorded kept stage 2 at a constant rate).
+            double decay = (double?)recipe["decay_fraction"] ?? 0.0;
+            if (!(decay >= 0 && decay <= 1)) throw new FormatException($"decay_fraction {decay} is not in [0, 1]");
+            var stage1Config = recipe["model"]!["stage1_config"] is JsonNode sc ? SwinIRConfig.FromJson(sc) : TinyRecipe.Stage1Config;
+            return (recipe, seed, images, size, scale, scheduleName, stage, decay, stage1Config);
+        }
+        catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException or ArgumentException
+                                      or NullReferenceException or NotSupportedException or KeyNotFoundException)
+        {
+            throw new CheckpointException(recipePath, $"damaged recipe ({e.Message})");
+        }
     }
 
     /// <summary>PSNR, SSIM (vs HQ) and niqe-lab of the tiny pipeline with one ControlNet on held-out images: means and per image.</summary>
