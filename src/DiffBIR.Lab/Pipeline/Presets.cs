@@ -1,4 +1,3 @@
-using System.Text.Json;
 using System.Text.Json.Nodes;
 using DiffBIR.Lab.Checkpoints;
 using DiffBIR.Lab.Diffusion;
@@ -407,12 +406,7 @@ public static class Presets
         var recipePath = Path.Combine(dir, Training.TinyRecipe.RecipeFile);
         // A damaged recipe.json (bad JSON, a wrong type or value in the recorded architecture) is named as such, not
         // left to surface as an internal error from the config readers.
-        T FromRecipe<T>(string part, Func<T> read)
-        {
-            try { return read(); }
-            catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException or ArgumentException or NullReferenceException)
-            { throw new CheckpointException(recipePath, $"{part}: {e.Message}"); }
-        }
+        T FromRecipe<T>(string part, Func<T> read) => Training.TinyRecipe.RecipePart(recipePath, part, read);
         var recipe = FromRecipe("not valid JSON", () => JsonNode.Parse(File.ReadAllText(recipePath))) ?? throw new CheckpointException(recipePath, "empty recipe");
         var missing = Training.TinyRecipe.WeightFiles.Where(f => !File.Exists(Path.Combine(dir, f))).ToList();
         if (missing.Count > 0) throw new MissingWeightsException(dir, "tiny", missing, "tiny (regenerate with scripts/train-tiny.sh)");

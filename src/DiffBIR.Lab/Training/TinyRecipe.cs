@@ -285,20 +285,7 @@ public static class TinyRecipe
         if (o.StopAfter == "vae") { cldm.Dispose(); stage1.Dispose(); return Stopped(o, finals, heldOut, wall); }
 
         // Latent scale: 1 / std of the posterior means of the training images (LDM's scale_by_std), 4 significant digits.
-        Tensor means, stds;
-        using (no_grad())
-        {
-            var m = new List<Tensor>(); var s = new List<Tensor>();
-            for (int i = 0; i < o.Images; i += 32)
-            {
-                using var scope = NewDisposeScope();
-                using var x = data.Hq[TensorIndex.Slice(i, Math.Min(i + 32, o.Images))] * 2 - 1;
-                using var post = cldm.vae.Encode(x);
-                m.Add(post.Mean.clone().MoveToOuterDisposeScope()); s.Add(post.Std.clone().MoveToOuterDisposeScope());
-            }
-            means = cat(m); stds = cat(s);
-            foreach (var t in m.Concat(s)) t.Dispose();
-        }
+        var (means, stds) = HqPosteriors(cldm.vae, data, 32);
         double latentStd = means.std().item<float>();
         double scale = double.Parse((1 / latentStd).ToString("G4", CultureInfo.InvariantCulture), CultureInfo.InvariantCulture);
         log(Invariant($"latent scale factor 1/std = {scale}"));
@@ -498,23 +485,49 @@ public static class TinyRecipe
     /// </summary>
     public static (Tensor Mean, Tensor Std, Tensor CImg, Tensor CTxt) Stage2Latents(ControlLDM cldm, SwinIR stage1, TinyTrainingData data, int chunk = 16)
     {
+        var (mean, std) = HqPosteriors(cldm.vae, data, chunk);
         using var _ = no_grad();
         stage1.eval();
-        var m = new List<Tensor>(); var s = new List<Tensor>(); var c = new List<Tensor>();
+        var c = new List<Tensor>();
         for (int i = 0; i < data.Count; i += chunk)
         {
             using var scope = NewDisposeScope();
             var slice = TensorIndex.Slice(i, Math.Min(i + chunk, data.Count));
-            using (var post = cldm.vae.Encode(data.Hq[slice] * 2 - 1))
-            {
-                m.Add(post.Mean.clone().MoveToOuterDisposeScope());
-                s.Add(post.Std.clone().MoveToOuterDisposeScope());
-            }
             c.Add(cldm.VaeEncode(stage1.forward(data.Lq[slice]) * 2 - 1).MoveToOuterDisposeScope());
         }
-        var result = (cat(m), cat(s), cat(c), cldm.clip.Encode(new[] { Prompt }));
-        foreach (var t in m.Concat(s).Concat(c)) t.Dispose();
+        var result = (mean, std, cat(c), cldm.clip.Encode(new[] { Prompt }));
+        foreach (var t in c) t.Dispose();
         return result;
+    }
+
+    /// <summary>The VAE posterior (mean, standard deviation; unscaled) of every training HQ image, encoded
+    /// <paramref name="chunk"/> images at a time (the prior's scale and latents, and stage 2's latents).</summary>
+    static (Tensor Mean, Tensor Std) HqPosteriors(Models.Vae.AutoencoderKL vae, TinyTrainingData data, int chunk)
+    {
+        using var _ = no_grad();
+        var m = new List<Tensor>(); var s = new List<Tensor>();
+        for (int i = 0; i < data.Count; i += chunk)
+        {
+            using var scope = NewDisposeScope();
+            using var x = data.Hq[TensorIndex.Slice(i, Math.Min(i + chunk, data.Count))] * 2 - 1;
+            using var post = vae.Encode(x);
+            m.Add(post.Mean.clone().MoveToOuterDisposeScope()); s.Add(post.Std.clone().MoveToOuterDisposeScope());
+        }
+        var result = (cat(m), cat(s));
+        foreach (var t in m.Concat(s)) t.Dispose();
+        return result;
+    }
+
+    /// <summary>
+    /// Reads one part of a tiny recipe.json; a damaged file (bad JSON, a missing part, a wrong type or value) becomes a
+    /// <see cref="CheckpointException"/> naming the file and the part, not an internal error from the readers.
+    /// </summary>
+    public static T RecipePart<T>(string recipePath, string part, Func<T> read)
+    {
+        try { return read(); }
+        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or FormatException or ArgumentException
+                                      or NullReferenceException or NotSupportedException or KeyNotFoundException)
+        { throw new CheckpointException(recipePath, $"{part}: {e.Message}"); }
     }
 
     /// <summary>

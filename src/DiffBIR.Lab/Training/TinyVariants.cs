@@ -131,7 +131,7 @@ public static class TinyVariants
     public static (JsonNode Recipe, long Seed, int Images, int Size, double Scale, string Schedule, TinyStage Stage2, double DecayFraction, SwinIRConfig Stage1)
         ReadRecipe(string recipePath)
     {
-        try
+        return TinyRecipe.RecipePart(recipePath, "damaged recipe", () =>
         {
             var recipe = JsonNode.Parse(File.ReadAllText(recipePath)) ?? throw new CheckpointException(recipePath, "empty recipe");
             long seed = (long)recipe["seed"]!;
@@ -145,12 +145,7 @@ public static class TinyVariants
             if (!(decay >= 0 && decay <= 1)) throw new FormatException($"decay_fraction {decay} is not in [0, 1]");
             var stage1Config = recipe["model"]!["stage1_config"] is JsonNode sc ? SwinIRConfig.FromJson(sc) : TinyRecipe.Stage1Config;
             return (recipe, seed, images, size, scale, scheduleName, stage, decay, stage1Config);
-        }
-        catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException or ArgumentException
-                                      or NullReferenceException or NotSupportedException or KeyNotFoundException)
-        {
-            throw new CheckpointException(recipePath, $"damaged recipe ({e.Message})");
-        }
+        });
     }
 
     /// <summary>PSNR, SSIM (vs HQ) and niqe-lab of the tiny pipeline with one ControlNet on held-out images: means and per image.</summary>
