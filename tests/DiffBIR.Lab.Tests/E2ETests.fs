@@ -44,6 +44,29 @@ let ``the tiny preset restores a 32×32 image end to end, deterministically for 
     c.Z.equal(a.Z).all().item<bool>() |> should be False
 
 [<Fact>]
+/// docs/tiny-preset.md, the edm_heun outlier: on the official σ schedule (σ₀ = 10⁴; buffers checked by the sampler
+/// fixtures) Heun's first step multiplies the change of x̂₀ between its two model calls by (σ₁ − σ₀)/(2σ₁), −276 at
+/// 10 steps with v2.1 (σ₁ = 18.13). A run records it in its notes when it is over 100 in size; other samplers do not.
+let ``an edm_heun run with a first-step factor over 100 says so in its notes, naming the factor`` () =
+    let heun = DiffBIR.Lab.Sampling.EdmHeun(DiffBIR.Lab.Diffusion.NoiseSchedule.V2_1)
+    let struct (f10, s0, s1) = heun.FirstStepFactor 10
+    s0 |> should (equalWithin 1e-3) 1e4
+    s1 |> should (equalWithin 0.01) 18.13
+    f10 |> should (equalWithin 1.0) -275.3
+    let struct (f200, _, _) = heun.FirstStepFactor 200
+    abs f200 |> should be (lessThan 100.0)
+    heun.FirstStepNote 200 |> should equal null
+    use p = tiny "sr"
+    use lq = testImage ()
+    use r = p.Restore(lq, PipelineOptions(Steps = 2, Seed = 7L, Sampler = "edm_heun"))
+    let notes = r.Notes |> Seq.filter (fun n -> n.Contains "edm_heun") |> List.ofSeq
+    notes |> should haveLength 1
+    let struct (f2, _, _) = DiffBIR.Lab.Sampling.EdmHeun(p.Pipeline.Schedule).FirstStepFactor 2
+    notes.Head |> should haveSubstring (sprintf "by %.0f;" f2)
+    use e = p.Restore(lq, PipelineOptions(Steps = 2, Seed = 7L, Sampler = "edm_euler"))
+    e.Notes |> Seq.exists (fun n -> n.Contains "edm_heun") |> should be False
+
+[<Fact>]
 let ``the observer sees every stage in order`` () =
     use p = tiny "sr"
     use lq = testImage ()

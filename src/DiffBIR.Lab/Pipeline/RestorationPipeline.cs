@@ -505,7 +505,9 @@ public sealed class RestorationPipeline : IDisposable
             IDenoiser model = cldmTiled ? new TiledDenoiser(Cldm, o.CldmTileSize / 8, o.CldmTileStride / 8) : Cldm;
             // target 2·padded − 1; latent-space guidance re-encodes it with posterior draws from the run's noise
             var guide = o.Guidance is null ? null : Stages.GuideStage.For(Cldm, o.Guidance, padded, noise);
-            var stepper = new Stages.SampleStep(Samplers.Create(o.Sampler, Schedule, o.SamplerOptions), model, pos, neg);
+            var sampler = Samplers.Create(o.Sampler, Schedule, o.SamplerOptions);
+            if (sampler is EdmHeun heun && heun.FirstStepNote(o.Steps) is { } heunNote) Note(heunNote);
+            var stepper = new Stages.SampleStep(sampler, model, pos, neg);
             Tensor zFull;
             using (var state = stepper.Start(xT, o.Steps, noise))
                 zFull = SamplingLoop.Run(stepper, state, guide, onStep, z => Cldm.VaeDecode(z))

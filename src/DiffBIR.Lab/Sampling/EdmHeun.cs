@@ -16,6 +16,25 @@ public sealed class EdmHeun : EdmSampler
     public EdmHeun(NoiseSchedule schedule, SamplerOptions? options = null) : base(schedule, options) { }
     public override string Solver => "heun";
 
+    /// <summary>
+    /// The factor (σ₁ − σ₀)/(2σ₁) by which Heun's first step multiplies the change of the model's x̂₀ between its two
+    /// evaluations (its update is the Euler step plus that factor times x̂₀(x, σ₀) − x̂₀(x₂, σ₁)). On the official σ
+    /// schedule σ₀ = 10⁴, so it is −276 at 10 steps with the v2.1 schedule (docs/tiny-preset.md: the edm_heun outlier).
+    /// </summary>
+    public (double Factor, double Sigma0, double Sigma1) FirstStepFactor(int steps)
+    {
+        var (s, _) = Schedule64(steps);
+        return s.Length < 3 || s[1] <= 0 ? (0, s[0], 0) : ((s[1] - s[0]) / (2 * s[1]), s[0], s[1]);
+    }
+
+    /// <summary>A note for the run's record when <see cref="FirstStepFactor"/> is over 100 in size; else null.</summary>
+    public string? FirstStepNote(int steps)
+    {
+        var (f, s0, s1) = FirstStepFactor(steps);
+        return Math.Abs(f) <= 100 ? null : string.Create(System.Globalization.CultureInfo.InvariantCulture,
+            $"[Sampler]: edm_heun's first step (σ {s0:G3} → {s1:G4}) multiplies the change of x̂₀ between its two model calls by {f:F0}; with few steps this can wreck the result (more steps, or a first-order EDM sampler; docs/tiny-preset.md)");
+    }
+
     protected override IEnumerable<ModelRequest> Solve(Edm e, Tensor x)
     {
         for (int i = 0; i < e.N; i++)
