@@ -41,6 +41,15 @@ public sealed record OutputReport(string Name, double MaxAbs, double MaxRel, Tol
 public sealed record CaseReport(string File, string Case, CaseStatus Status, IReadOnlyList<OutputReport> Outputs, string? Message, TimeSpan Elapsed)
 {
     public double WorstRel => Outputs.Where(o => !double.IsNaN(o.MaxRel)).Select(o => o.MaxRel).DefaultIfEmpty(double.NaN).Max();
+
+    /// <summary>Worst max_rel over the outputs judged by an absolute band only (rtol 0, atol &gt; 0: structurally zero
+    /// gradients and the like, whose max_rel divides rounding noise by rounding noise); NaN where there are none.</summary>
+    public double WorstRelAbsoluteBand => Outputs.Where(o => !double.IsNaN(o.MaxRel) && o.Tolerance.Rtol == 0 && o.Tolerance.Atol > 0)
+        .Select(o => o.MaxRel).DefaultIfEmpty(double.NaN).Max();
+
+    /// <summary>Worst max_rel over every other output (relative bands and exact ones): the figure to quote.</summary>
+    public double WorstRelBanded => Outputs.Where(o => !double.IsNaN(o.MaxRel) && !(o.Tolerance.Rtol == 0 && o.Tolerance.Atol > 0))
+        .Select(o => o.MaxRel).DefaultIfEmpty(double.NaN).Max();
 }
 
 /// <summary>

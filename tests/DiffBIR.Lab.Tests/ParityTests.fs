@@ -105,3 +105,22 @@ let ``the v2.0.0 fixtures that share weights find them in weights_from`` () =
     use f = Fixture.Load(fixture (Path.Combine("v2.0.0", "tiled.safetensors")))
     let w = f.Weights "unet"
     w.Count |> should be (greaterThan 100)
+
+/// The runner's one-line summary quotes the worst max_rel of the outputs judged relatively (or exactly); outputs with an
+/// absolute band only (the structurally zero gradients of training/README.md, ~1e-9 noise on both sides) are reported
+/// apart, because their max_rel divides noise by noise (train_stage2_v: 1.88 on grad.time_embed.0, max_abs 4.2e-10).
+[<Fact>]
+let ``the worst max_rel of a case separates absolute-band outputs from the rest`` () =
+    let o name rel (tol: Tolerance) = OutputReport(name, rel * 1e-3, rel, tol, true)
+    let r =
+        CaseReport("f.safetensors", "c", CaseStatus.Pass,
+                   [ o "model_output" 2e-6 (Tolerance(1e-5, 0.0))
+                     o "grad.time_embed.0.bias" 1.88 (Tolerance(0.0, 1e-8))
+                     o "draws left unused" 0.0 (Tolerance(0.0, 0.0))
+                     OutputReport("skipped", nan, nan, Tolerance(1e-4, 0.0), true, "not compared") ], null, System.TimeSpan.Zero)
+    r.WorstRel |> should equal 1.88
+    r.WorstRelBanded |> should equal 2e-6
+    r.WorstRelAbsoluteBand |> should equal 1.88
+    let none = CaseReport("f", "c", CaseStatus.Pass, [ o "exact" 0.0 (Tolerance(0.0, 0.0)) ], null, System.TimeSpan.Zero)
+    none.WorstRelBanded |> should equal 0.0
+    System.Double.IsNaN none.WorstRelAbsoluteBand |> should be True

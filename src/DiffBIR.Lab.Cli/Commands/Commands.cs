@@ -125,7 +125,10 @@ namespace DiffBIR.Lab.Cli.Commands
         {
             var color = r.Status switch { CaseStatus.Pass => "green", CaseStatus.NotImplemented => "yellow", _ => "red" };
             var label = r.Status switch { CaseStatus.Pass => "PASS", CaseStatus.Fail => "FAIL", CaseStatus.Error => "ERROR", _ => "NOT IMPLEMENTED" };
-            var worst = r.Outputs.Count > 0 ? $" outputs={r.Outputs.Count} worst max_rel={Fmt.G(r.WorstRel)}" : "";
+            // max_rel of an output judged by an absolute band only is noise over noise: reported apart
+            var worst = r.Outputs.Count == 0 ? ""
+                : $" outputs={r.Outputs.Count} worst max_rel={Fmt.G(r.WorstRelBanded)}"
+                  + (r.WorstRelAbsoluteBand is var a && !double.IsNaN(a) && !(a <= r.WorstRelBanded) ? $" (absolute-band outputs: {Fmt.G(a)})" : "");
             AnsiConsole.MarkupLine($"[{color}]{label,-15}[/] {Markup.Escape(r.Case),-22} {Markup.Escape(Path.GetFileName(r.File))}{worst} ({r.Elapsed.TotalSeconds:F1}s)");
             if (r.Message != null && r.Status != CaseStatus.NotImplemented) AnsiConsole.MarkupLine($"    {Markup.Escape(r.Message)}");
             foreach (var o in r.Outputs.Where(o => verbose || !o.Pass))

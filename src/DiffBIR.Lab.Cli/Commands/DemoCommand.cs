@@ -121,7 +121,7 @@ public sealed class DemoCommand : Command<DemoSettings>
             restore_exit_code = restoreCode,
             sweep = sweepDir is null ? null : Path.Combine(sweepDir, DiffBIR.Lab.Sweeps.ResultsTable.CsvName), quality_fidelity_curve = curve, quality_fidelity_png = curvePng,
             restored = Path.Combine(restoreSettings.Output, "testcard_lq.png"),
-            parity = reports.Select(r => new { @case = r.Case, file = Path.GetFileName(r.File), status = r.Status.ToString(), worst_max_rel = double.IsFinite(r.WorstRel) ? r.WorstRel : (double?)null }),
+            parity = reports.Select(r => new { @case = r.Case, file = Path.GetFileName(r.File), status = r.Status.ToString(), worst_max_rel = double.IsFinite(r.WorstRelBanded) ? r.WorstRelBanded : (double?)null, worst_max_rel_absolute_band = double.IsFinite(r.WorstRelAbsoluteBand) ? r.WorstRelAbsoluteBand : (double?)null }),
         };
         var manifestPath = Path.Combine(s.Output, "manifest.json");
         AtomicFile.WriteAllText(manifestPath, JsonSerializer.Serialize(manifest, new JsonSerializerOptions { WriteIndented = true }));
