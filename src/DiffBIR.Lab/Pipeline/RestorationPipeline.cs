@@ -506,7 +506,7 @@ public sealed class RestorationPipeline : IDisposable
             // target 2·padded − 1; latent-space guidance re-encodes it with posterior draws from the run's noise
             var guide = o.Guidance is null ? null : Stages.GuideStage.For(Cldm, o.Guidance, padded, noise);
             var sampler = Samplers.Create(o.Sampler, Schedule, o.SamplerOptions);
-            if (sampler is EdmHeun heun && heun.FirstStepNote(o.Steps) is { } heunNote) Note(heunNote);
+            if (sampler.Advisory(o.Steps) is { } advisory) Note(advisory);
             var stepper = new Stages.SampleStep(sampler, model, pos, neg);
             Tensor zFull;
             using (var state = stepper.Start(xT, o.Steps, noise))

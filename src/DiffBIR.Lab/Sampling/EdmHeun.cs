@@ -35,6 +35,8 @@ public sealed class EdmHeun : EdmSampler
             $"[Sampler]: edm_heun's first step (σ {s0:G3} → {s1:G4}) multiplies the change of x̂₀ between its two model calls by {f:F0}; with few steps this can wreck the result (more steps, or a first-order EDM sampler; docs/tiny-preset.md)");
     }
 
+    public override string? Advisory(int steps) => FirstStepNote(steps);
+
     protected override IEnumerable<ModelRequest> Solve(Edm e, Tensor x)
     {
         for (int i = 0; i < e.N; i++)

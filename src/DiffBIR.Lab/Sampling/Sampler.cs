@@ -41,6 +41,10 @@ public abstract class Sampler
     /// registered buffers (float32, computed in float64 first where the official code uses numpy).</summary>
     public abstract IReadOnlyDictionary<string, Tensor> Buffers(int steps);
 
+    /// <summary>A one-line caution for a run of <paramref name="steps"/> steps, recorded in its notes (null: none).
+    /// Only <see cref="EdmHeun"/> has one so far (its first-step factor on the official σ schedule).</summary>
+    public virtual string? Advisory(int steps) => null;
+
     /// <summary>Begins sampling from x_T (not modified; the run keeps its own copy).</summary>
     public SamplerRun Start(Tensor xT, int steps, INoiseSource noise, bool recordSteps = false)
     {
