@@ -7,6 +7,8 @@ namespace DiffBIR.Lab.Parity;
 public sealed record Tolerance(double Rtol, double Atol)
 {
     public static Tolerance Module { get; } = new(1e-4, 1e-6);
+    /// <summary>Judged by an absolute band only (rtol 0, atol &gt; 0): the output's max_rel is not an error figure.</summary>
+    public bool AbsoluteOnly => Rtol == 0 && Atol > 0;
     public override string ToString() => $"rtol={Rtol:G3} atol={Atol:G3}";
 }
 
@@ -40,16 +42,18 @@ public sealed record OutputReport(string Name, double MaxAbs, double MaxRel, Tol
 
 public sealed record CaseReport(string File, string Case, CaseStatus Status, IReadOnlyList<OutputReport> Outputs, string? Message, TimeSpan Elapsed)
 {
-    public double WorstRel => Outputs.Where(o => !double.IsNaN(o.MaxRel)).Select(o => o.MaxRel).DefaultIfEmpty(double.NaN).Max();
+    public double WorstRel => Worst(_ => true);
 
-    /// <summary>Worst max_rel over the outputs judged by an absolute band only (rtol 0, atol &gt; 0: structurally zero
-    /// gradients and the like, whose max_rel divides rounding noise by rounding noise); NaN where there are none.</summary>
-    public double WorstRelAbsoluteBand => Outputs.Where(o => !double.IsNaN(o.MaxRel) && o.Tolerance.Rtol == 0 && o.Tolerance.Atol > 0)
-        .Select(o => o.MaxRel).DefaultIfEmpty(double.NaN).Max();
+    /// <summary>Worst max_rel over the outputs judged by an absolute band only (<see cref="Tolerance.AbsoluteOnly"/>:
+    /// structurally zero gradients and the like, whose max_rel divides rounding noise by rounding noise); NaN where
+    /// there are none.</summary>
+    public double WorstRelAbsoluteBand => Worst(o => o.Tolerance.AbsoluteOnly);
 
     /// <summary>Worst max_rel over every other output (relative bands and exact ones): the figure to quote.</summary>
-    public double WorstRelBanded => Outputs.Where(o => !double.IsNaN(o.MaxRel) && !(o.Tolerance.Rtol == 0 && o.Tolerance.Atol > 0))
-        .Select(o => o.MaxRel).DefaultIfEmpty(double.NaN).Max();
+    public double WorstRelBanded => Worst(o => !o.Tolerance.AbsoluteOnly);
+
+    double Worst(Func<OutputReport, bool> which) =>
+        Outputs.Where(o => !double.IsNaN(o.MaxRel) && which(o)).Select(o => o.MaxRel).DefaultIfEmpty(double.NaN).Max();
 }
 
 /// <summary>
