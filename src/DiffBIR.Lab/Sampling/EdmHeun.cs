@@ -23,6 +23,7 @@ public sealed class EdmHeun : EdmSampler
     /// </summary>
     public (double Factor, double Sigma0, double Sigma1) FirstStepFactor(int steps)
     {
+        if (steps < 1) throw new ArgumentOutOfRangeException(nameof(steps), steps, "at least one step");
         var (s, _) = Schedule64(steps);
         return s.Length < 3 || s[1] <= 0 ? (0, s[0], 0) : ((s[1] - s[0]) / (2 * s[1]), s[0], s[1]);
     }
